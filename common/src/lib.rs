@@ -1,0 +1,29 @@
+//! tern-common: the parts of tern that the master and the slave share.
+//!
+//! - [`proto`]: generated gRPC and binlog types (`proto/` at the workspace root).
+//! - [`position`]: `Index`, `ReplId` and `Position`, the types every replication decision uses.
+//! - [`record`]: the binlog record codec `[len][crc32c][payload]` and the `Event` domain type.
+//! - [`boundary`]: the transaction boundary parser (Outside / InTxn / Error).
+//! - [`binlog`]: segmented, CRC-checked, group-fsynced binlog with tail recovery.
+//! - [`state`]: the RocksDB state machine: data and applied index in one WriteBatch.
+//! - [`limits`]: sizes every request is checked against.
+//! - [`config`]: TOML + `TERN__SECTION__KEY` environment + flags.
+//! - [`telemetry`]: tracing subscriber and OTLP export.
+//! - [`window`]: the per-slave sync window (in-flight batches, in-order acks).
+//! - [`kv`], [`server`]: the Kv service, the Admin service and the one-port gRPC server.
+//! - [`replay`]: applying binlog events to the state in whole transactions.
+
+pub mod binlog;
+pub mod boundary;
+pub mod config;
+pub mod kv;
+pub mod limits;
+pub mod position;
+pub mod proto;
+pub mod record;
+pub mod replay;
+pub mod server;
+pub mod signals;
+pub mod state;
+pub mod telemetry;
+pub mod window;

@@ -1,0 +1,52 @@
+//! `tern-master`: the writable node of a tern replication group.
+
+use clap::Parser;
+use tern_common::config::{CommonArgs, Config, Role};
+use tokio_util::sync::CancellationToken;
+
+/// tern master: accepts writes (tern.kv.v1.Kv), keeps the binlog and serves it to
+/// slaves (tern.replication.v1.Replication), all on one gRPC port with reflection.
+///
+/// Configuration: defaults, then --config FILE (TOML), then TERN__SECTION__KEY
+/// environment variables (e.g. TERN__BINLOG__FSYNC=everysec), then these flags.
+#[derive(Parser, Debug)]
+#[command(name = "tern-master", version, about, long_about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::load(Role::Master, &args.common, &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tern-master: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern-master: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(tern_master_main(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-master: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn tern_master_main(cfg: Config) -> anyhow::Result<()> {
+    let _telemetry = tern_common::telemetry::init("tern-master", &cfg.telemetry)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.server.listen))?;
+    let shutdown = CancellationToken::new();
+    tern_common::signals::cancel_on_signal(shutdown.clone());
+    tern_master::run(listener, cfg, shutdown).await
+}

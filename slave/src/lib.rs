@@ -1,0 +1,12 @@
+//! tern-slave: follows a master, keeps a byte-identical relay log, applies it to
+//! its own RocksDB exactly once and in master order, and serves reads.
+//!
+//! - [`link`]: connection state machine, reconnect barrier (I4), receiver (I3).
+//! - [`applier`]: relay log → scheduler → prepare workers → ordered committer (I5).
+//! - [`node`]: data directory, start-up recovery, services and [`run`].
+
+pub mod applier;
+pub mod link;
+pub mod node;
+
+pub use node::run;

@@ -1,0 +1,549 @@
+//! The slave's link to its master: connection state machine, reconnect barrier
+//! and receiver.
+//!
+//! ```text
+//! NoConnect → TryConnect → WaitReply → Connected
+//!                             └──────→ WaitDbSync (master needs a full sync)
+//! any failure → reconnect with backoff (reason logged and counted); Error when
+//! the master's answer means retrying cannot help.
+//! ```
+//!
+//! **Reconnect barrier (I4).** Before every TrySync the old session is gone (its
+//! stream dropped, so nothing of it can still be appended), the relay log is
+//! rolled back to the last transaction boundary, and the applier is drained until
+//! `applied == received`. Only then does the slave name a position, and the
+//! first-send ack repeats exactly that position, so what it reports can never be
+//! stale (F2).
+//!
+//! **Receiver (I3).** Each BinlogBatch is checked (session id, index contiguity,
+//! CRCs, the boundary parser) and its bytes are appended unchanged to the relay
+//! log, so the relay log is byte-identical to the master's binlog. `received`
+//! moves only at Commit boundaries, after the append is durable. Heartbeats run
+//! on their own task and never wait for apply (I7).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tern_common::binlog::{Binlog, FsyncPolicy};
+use tern_common::boundary::{BoundaryParser, ParserState};
+use tern_common::config::Config;
+use tern_common::position::ReplId;
+use tern_common::proto::replication::v1 as pb;
+use tern_common::proto::replication::v1::replication_client::ReplicationClient;
+use tern_common::record::Records;
+use tern_common::state::State;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Connection states, as Info shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    NoConnect,
+    TryConnect,
+    WaitReply,
+    Connected,
+    WaitDbSync,
+    Error,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::NoConnect => "no_connect",
+            LinkState::TryConnect => "try_connect",
+            LinkState::WaitReply => "wait_reply",
+            LinkState::Connected => "connected",
+            LinkState::WaitDbSync => "wait_db_sync",
+            LinkState::Error => "error",
+        }
+    }
+}
+
+/// Why a session ended and the slave reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconnectReason {
+    #[error("cannot connect to the master: {0}")]
+    ConnectFailed(String),
+    #[error("link lost: {0}")]
+    LinkLost(String),
+    #[error("no message from the master for {0:?}")]
+    LinkTimeout(Duration),
+    #[error("the master closed the stream")]
+    MasterClosed,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("relay log: {0}")]
+    Relay(String),
+    #[error("master needs a full sync of this slave: {0}")]
+    NeedFullSync(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// What the link shares with Info.
+pub struct LinkStatus {
+    inner: Mutex<LinkStatusInner>,
+    pub reconnects: AtomicU64,
+    pub partial_syncs: AtomicU64,
+    pub full_syncs: AtomicU64,
+    pub stale_messages: AtomicU64,
+    pub duplicates_skipped: Arc<AtomicU64>,
+    pub relay_first: AtomicU64,
+    pub relay_last: AtomicU64,
+    pub relay_durable: AtomicU64,
+    pub relay_bytes: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct LinkStatusInner {
+    pub state: LinkState,
+    pub session_id: u64,
+    pub last_error: String,
+    pub repl_id: Option<ReplId>,
+}
+
+impl LinkStatus {
+    pub fn new(repl_id: Option<ReplId>) -> Arc<LinkStatus> {
+        Arc::new(LinkStatus {
+            inner: Mutex::new(LinkStatusInner {
+                state: LinkState::NoConnect,
+                session_id: 0,
+                last_error: String::new(),
+                repl_id,
+            }),
+            reconnects: AtomicU64::new(0),
+            partial_syncs: AtomicU64::new(0),
+            full_syncs: AtomicU64::new(0),
+            stale_messages: AtomicU64::new(0),
+            duplicates_skipped: Arc::new(AtomicU64::new(0)),
+            relay_first: AtomicU64::new(0),
+            relay_last: AtomicU64::new(0),
+            relay_durable: AtomicU64::new(0),
+            relay_bytes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> LinkStatusInner {
+        self.inner.lock().expect("link status").clone()
+    }
+
+    fn set(&self, f: impl FnOnce(&mut LinkStatusInner)) {
+        f(&mut self.inner.lock().expect("link status"));
+    }
+
+    fn publish_relay(&self, relay: &Binlog) {
+        self.relay_first
+            .store(relay.first_index(), Ordering::Release);
+        self.relay_last.store(relay.last_index(), Ordering::Release);
+        self.relay_durable
+            .store(relay.durable_index(), Ordering::Release);
+        self.relay_bytes
+            .store(relay.total_bytes(), Ordering::Release);
+    }
+}
+
+pub struct Link {
+    pub cfg: Config,
+    pub slave_id: String,
+    pub state: State,
+    pub relay: Binlog,
+    pub received_tx: watch::Sender<u64>,
+    pub applied: watch::Receiver<u64>,
+    pub status: Arc<LinkStatus>,
+    pub shutdown: CancellationToken,
+}
+
+enum SessionEnd {
+    Shutdown,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn slave_msg(msg: pb::slave_message::Msg) -> pb::SlaveMessage {
+    pb::SlaveMessage { msg: Some(msg) }
+}
+
+impl Link {
+    /// Follows the master until shutdown; returns the relay log for a clean close.
+    pub async fn run(mut self) -> Binlog {
+        self.status.publish_relay(&self.relay);
+        let mut backoff = Duration::from_millis(100);
+        let max_backoff = Duration::from_secs(5);
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            if let Err(e) = self.barrier().await {
+                self.fail(LinkState::Error, &e);
+                break;
+            }
+            let started = Instant::now();
+            match self.session().await {
+                Ok(SessionEnd::Shutdown) => break,
+                Err(reason) => {
+                    let state = match reason {
+                        ReconnectReason::NeedFullSync(_) => LinkState::WaitDbSync,
+                        ReconnectReason::Fatal(_) => LinkState::Error,
+                        _ => LinkState::NoConnect,
+                    };
+                    self.fail(state, &reason);
+                    self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if matches!(
+                        reason,
+                        ReconnectReason::NeedFullSync(_) | ReconnectReason::Fatal(_)
+                    ) {
+                        backoff = max_backoff;
+                    } else if started.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(100);
+                    }
+                }
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = self.shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        }
+        self.status.set(|s| s.state = LinkState::NoConnect);
+        // Nothing half-received is left behind for the next start.
+        let received = *self.received_tx.borrow();
+        if self.relay.last_index() > received
+            && let Err(e) = self.relay.truncate_after(received)
+        {
+            tracing::error!(error = %e, "rolling back the relay log to {received}");
+        }
+        self.relay
+    }
+
+    fn fail(&self, state: LinkState, reason: &dyn std::fmt::Display) {
+        let msg = reason.to_string();
+        match state {
+            LinkState::Error | LinkState::WaitDbSync => {
+                tracing::error!(reason = %msg, "replication stopped")
+            }
+            _ => tracing::warn!(reason = %msg, "replication link down; reconnecting"),
+        }
+        self.status.set(|s| {
+            s.state = state;
+            s.session_id = 0;
+            s.last_error = msg;
+        });
+    }
+
+    /// I4: roll the relay back to a boundary and drain the applier to it.
+    async fn barrier(&mut self) -> Result<(), ReconnectReason> {
+        let received = *self.received_tx.borrow();
+        if self.relay.last_index() > received {
+            tracing::info!(
+                from = self.relay.last_index(),
+                to = received,
+                "rolling back a partial transaction at the relay tail"
+            );
+            tokio::task::block_in_place(|| self.relay.truncate_after(received))
+                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
+            self.status.publish_relay(&self.relay);
+        }
+        let mut applied = self.applied.clone();
+        tokio::select! {
+            r = applied.wait_for(|a| *a >= received) => {
+                r.map_err(|_| ReconnectReason::Fatal("the applier stopped".into()))?;
+            }
+            _ = self.shutdown.cancelled() => {}
+        }
+        Ok(())
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, ReconnectReason> {
+        let index = *self.received_tx.borrow();
+        let repl_id = self.status.snapshot().repl_id;
+        let span = tracing::info_span!(
+            parent: None,
+            "sync_session",
+            side = "slave",
+            slave_id = %self.slave_id,
+            master = %self.cfg.slave.master,
+            session_id = tracing::field::Empty,
+            repl_id = tracing::field::Empty,
+            start_index = index,
+            outcome = tracing::field::Empty,
+        );
+        if let Some(id) = repl_id {
+            span.record("repl_id", tracing::field::display(id));
+        }
+        let result = self
+            .session_inner(index, repl_id, &span)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(SessionEnd::Shutdown) => span.record("outcome", "shutdown"),
+            Err(e) => span.record("outcome", tracing::field::display(e)),
+        };
+        result
+    }
+
+    async fn session_inner(
+        &mut self,
+        index: u64,
+        repl_id: Option<ReplId>,
+        span: &tracing::Span,
+    ) -> Result<SessionEnd, ReconnectReason> {
+        let cfg = self.cfg.sync.clone();
+        self.status.set(|s| s.state = LinkState::TryConnect);
+        let endpoint = tonic::transport::Endpoint::from_shared(self.cfg.slave.master.clone())
+            .map_err(|e| {
+                ReconnectReason::Fatal(format!("slave.master {:?}: {e}", self.cfg.slave.master))
+            })?
+            .connect_timeout(cfg.link_timeout())
+            .tcp_nodelay(true);
+        let channel = tokio::select! {
+            c = endpoint.connect() => c.map_err(|e| ReconnectReason::ConnectFailed(format!("{e:?}")))?,
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let mut client = ReplicationClient::new(channel)
+            .max_decoding_message_size(tern_common::limits::MAX_MESSAGE_BYTES * 2);
+        let (out_tx, out_rx) = mpsc::channel::<pb::SlaveMessage>(256);
+        let try_sync = pb::TrySync {
+            slave_id: self.slave_id.clone(),
+            repl_id: repl_id.map(|r| r.to_string()).unwrap_or_default(),
+            index,
+            addr: self.cfg.server.listen.clone(),
+        };
+        let _ = out_tx
+            .send(slave_msg(pb::slave_message::Msg::TrySync(try_sync)))
+            .await;
+        let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+        tern_common::telemetry::inject_context(span, request.metadata_mut());
+        self.status.set(|s| s.state = LinkState::WaitReply);
+        let timeout = cfg.link_timeout();
+        let mut inbound = tokio::select! {
+            r = tokio::time::timeout(timeout, client.sync(request)) => match r {
+                Ok(Ok(resp)) => resp.into_inner(),
+                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                Err(_) => return Err(ReconnectReason::LinkTimeout(timeout)),
+            },
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let reply = tokio::select! {
+            r = tokio::time::timeout(timeout, inbound.message()) => match r {
+                Ok(Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::TrySyncResponse(t)) }))) => t,
+                Ok(Ok(Some(_))) => return Err(ReconnectReason::Protocol("expected TrySyncResponse".into())),
+                Ok(Ok(None)) => return Err(ReconnectReason::MasterClosed),
+                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                Err(_) => return Err(ReconnectReason::LinkTimeout(timeout)),
+            },
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        if reply.code != pb::TrySyncCode::Ok as i32 {
+            let reason = pb::FullSyncReason::try_from(reply.reason)
+                .map(|r| r.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("reason {}", reply.reason));
+            return Err(ReconnectReason::NeedFullSync(format!(
+                "{reason}: {}",
+                reply.message
+            )));
+        }
+        let master_repl: ReplId = reply
+            .repl_id
+            .parse()
+            .map_err(|e| ReconnectReason::Protocol(format!("TrySyncResponse.repl_id: {e}")))?;
+        match repl_id {
+            Some(id) if id != master_repl => {
+                return Err(ReconnectReason::Protocol(format!(
+                    "master answered OK for history {master_repl} but this slave follows {id}"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let state = self.state.clone();
+                tokio::task::block_in_place(|| state.set_repl_id(master_repl))
+                    .map_err(|e| ReconnectReason::Fatal(format!("storing repl id: {e}")))?;
+                self.status.set(|s| s.repl_id = Some(master_repl));
+                span.record("repl_id", tracing::field::display(master_repl));
+            }
+        }
+        let session_id = reply.session_id;
+        span.record("session_id", session_id);
+        let first_ack = pb::BinlogAck {
+            session_id,
+            first_send: true,
+            received_index: index,
+            applied_index: *self.applied.borrow(),
+            batch_first_index: 0,
+            batch_last_index: 0,
+        };
+        if out_tx
+            .send(slave_msg(pb::slave_message::Msg::Ack(first_ack)))
+            .await
+            .is_err()
+        {
+            return Err(ReconnectReason::MasterClosed);
+        }
+        self.status.set(|s| {
+            s.state = LinkState::Connected;
+            s.session_id = session_id;
+        });
+        self.status.partial_syncs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session_id, index, "connected to the master");
+
+        // Heartbeats on their own task: never behind apply or disk (I7).
+        let hb_stop = CancellationToken::new();
+        let hb_guard = hb_stop.clone().drop_guard();
+        let hb_tx = out_tx.clone();
+        let received_rx = self.received_tx.subscribe();
+        let applied_rx = self.applied.clone();
+        let period = cfg.heartbeat();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = hb_stop.cancelled() => return,
+                }
+                let hb = pb::Heartbeat {
+                    session_id,
+                    now_ms: now_ms(),
+                    index: *received_rx.borrow(),
+                    applied_index: *applied_rx.borrow(),
+                };
+                if hb_tx
+                    .try_send(slave_msg(pb::slave_message::Msg::Heartbeat(hb)))
+                    .is_err()
+                    && hb_tx.is_closed()
+                {
+                    return;
+                }
+            }
+        });
+
+        let mut parser = BoundaryParser::new(index, Some(self.state.last_seq()));
+        let mut last_heard = Instant::now();
+        let mut check = tokio::time::interval(cfg.heartbeat());
+        let result = loop {
+            tokio::select! {
+                m = inbound.message() => {
+                    last_heard = Instant::now();
+                    match m {
+                        Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::Batch(b)) })) => {
+                            if b.session_id != session_id {
+                                self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            let ack = tokio::task::block_in_place(|| self.receive(&b, &mut parser))?;
+                            if out_tx.send(slave_msg(pb::slave_message::Msg::Ack(ack))).await.is_err() {
+                                break Err(ReconnectReason::MasterClosed);
+                            }
+                        }
+                        Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::Heartbeat(h)) })) => {
+                            if h.session_id != session_id {
+                                self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(Some(_)) => break Err(ReconnectReason::Protocol("unexpected message while streaming".into())),
+                        Ok(None) => break Err(ReconnectReason::MasterClosed),
+                        Err(s) => break Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                    }
+                }
+                _ = check.tick() => {
+                    if last_heard.elapsed() > timeout {
+                        break Err(ReconnectReason::LinkTimeout(timeout));
+                    }
+                }
+                _ = self.shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
+            }
+        };
+        drop(hb_guard);
+        result
+    }
+
+    /// Checks one batch, appends its bytes unchanged, advances `received` at the
+    /// last Commit boundary and returns the ack for it.
+    fn receive(
+        &mut self,
+        b: &pb::BinlogBatch,
+        parser: &mut BoundaryParser,
+    ) -> Result<pb::BinlogAck, ReconnectReason> {
+        let proto = |m: String| ReconnectReason::Protocol(m);
+        if b.last_index < b.first_index {
+            return Err(proto(format!(
+                "batch [{}, {}] is empty",
+                b.first_index, b.last_index
+            )));
+        }
+        let next = self.relay.next_index();
+        if b.first_index > next {
+            return Err(proto(format!(
+                "batch starts at {} but the relay log continues at {next}",
+                b.first_index
+            )));
+        }
+        let mut expected = b.first_index;
+        let mut skip_bytes = 0usize;
+        let mut offset = 0usize;
+        for item in Records::new(&b.records) {
+            let (ev, raw) = item
+                .map_err(|e| proto(format!("batch [{}, {}]: {e}", b.first_index, b.last_index)))?;
+            if ev.index != expected {
+                return Err(proto(format!(
+                    "batch record has index {} where {expected} was expected",
+                    ev.index
+                )));
+            }
+            expected += 1;
+            offset += raw.len();
+            if ev.index < next {
+                // Already in the relay log: a duplicate, never appended twice (I5).
+                self.status
+                    .duplicates_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                skip_bytes = offset;
+                continue;
+            }
+            parser
+                .feed(&ev)
+                .map_err(|e| proto(format!("boundary parser: {e}")))?;
+        }
+        if offset != b.records.len() || expected != b.last_index + 1 {
+            return Err(proto(format!(
+                "batch claims [{}, {}] but holds records up to {}",
+                b.first_index,
+                b.last_index,
+                expected - 1
+            )));
+        }
+        if b.last_index >= next {
+            let at_boundary = matches!(parser.state(), ParserState::Outside);
+            self.relay
+                .append(&b.records[skip_bytes..], next, b.last_index, at_boundary)
+                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
+            if self.cfg.binlog.fsync == FsyncPolicy::Always {
+                self.relay
+                    .sync()
+                    .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
+            }
+            self.status.publish_relay(&self.relay);
+        }
+        let received = parser.last_boundary();
+        self.received_tx.send_if_modified(|r| {
+            let changed = *r != received;
+            *r = received;
+            changed
+        });
+        Ok(pb::BinlogAck {
+            session_id: b.session_id,
+            first_send: false,
+            received_index: received,
+            applied_index: *self.applied.borrow(),
+            batch_first_index: b.first_index,
+            batch_last_index: b.last_index,
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! A slave node: data directory, recovery, the link, the applier, services and
+//! clean shutdown.
+//!
+//! Layout of `data_dir`: `db/` (RocksDB: data + applied index + the master's repl
+//! id), `binlog/` (the relay log), `SLAVE_ID` (this slave's stable id),
+//! `CLEAN_SHUTDOWN` (written last on a clean stop). Start-up truncates a partial
+//! transaction at the relay tail and replays the relay log after the applied
+//! index; after a clean stop that replays nothing (I6).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_common::binlog::{Binlog, BinlogOptions};
+use tern_common::config::Config;
+use tern_common::kv::KvService;
+use tern_common::proto::admin::v1 as admin;
+use tern_common::server::{AdminService, InfoSource, ServeOptions};
+use tern_common::state::State;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::applier::Applier;
+use crate::link::{Link, LinkStatus};
+
+const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
+
+struct SlaveInfo {
+    status: Arc<LinkStatus>,
+    master: String,
+    received: watch::Receiver<u64>,
+    applied: watch::Receiver<u64>,
+    replayed_on_start: u64,
+    state: State,
+    fsync: String,
+}
+
+impl InfoSource for SlaveInfo {
+    fn info(&self) -> admin::InfoResponse {
+        let s = &self.status;
+        let link = s.snapshot();
+        admin::InfoResponse {
+            role: "slave".into(),
+            repl_id: link.repl_id.map(|r| r.to_string()).unwrap_or_default(),
+            first_index: s.relay_first.load(Ordering::Acquire),
+            last_index: s.relay_last.load(Ordering::Acquire),
+            applied_index: *self.applied.borrow(),
+            durable_index: s.relay_durable.load(Ordering::Acquire),
+            replayed_on_start: self.replayed_on_start,
+            last_seq: self.state.last_seq(),
+            fsync: self.fsync.clone(),
+            binlog_bytes: s.relay_bytes.load(Ordering::Acquire),
+            version: env!("CARGO_PKG_VERSION").into(),
+            link: Some(admin::LinkInfo {
+                state: link.state.as_str().into(),
+                master: self.master.clone(),
+                session_id: link.session_id,
+                received_index: *self.received.borrow(),
+                last_error: link.last_error,
+            }),
+            counters: Some(admin::Counters {
+                full_syncs: s.full_syncs.load(Ordering::Relaxed),
+                partial_syncs: s.partial_syncs.load(Ordering::Relaxed),
+                duplicates_skipped: s.duplicates_skipped.load(Ordering::Relaxed),
+                stale_messages: s.stale_messages.load(Ordering::Relaxed),
+                reconnects: s.reconnects.load(Ordering::Relaxed),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn slave_id(cfg: &Config, dir: &Path) -> anyhow::Result<String> {
+    if let Some(id) = &cfg.slave.id {
+        anyhow::ensure!(
+            !id.is_empty() && id.len() <= 256,
+            "slave.id must be 1 to 256 bytes"
+        );
+        return Ok(id.clone());
+    }
+    let path = dir.join("SLAVE_ID");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("slave-{:016x}", rand::random::<u64>());
+    let tmp = dir.join("SLAVE_ID.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}
+
+/// Runs a slave on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = cfg.server.data_dir.clone();
+    let cfg2 = cfg.clone();
+    let (state, relay, replayed_on_start, slave_id, clean) = tokio::task::spawn_blocking(move || {
+        let cfg = cfg2;
+        let dir = &cfg.server.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let marker = dir.join(CLEAN_MARKER);
+        let clean = marker.exists();
+        if clean {
+            std::fs::remove_file(&marker)?;
+        }
+        let slave_id = slave_id(&cfg, dir)?;
+        let state = State::open(&dir.join("db"))
+            .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
+        let (mut relay, report) = Binlog::open(
+            &dir.join("binlog"),
+            BinlogOptions {
+                segment_bytes: cfg.binlog.segment_bytes,
+                fsync: cfg.binlog.fsync,
+            },
+        )
+        .with_context(|| format!("opening relay log in {}", dir.join("binlog").display()))?;
+        if report.truncated_bytes > 0 {
+            tracing::warn!(
+                bytes = report.truncated_bytes,
+                events = report.truncated_events,
+                last_index = report.last_index,
+                "relay log tail was torn or held a partial transaction; truncated it (it will be fetched again)"
+            );
+        }
+        let applied = state.applied_index();
+        if applied > relay.last_index() || applied + 1 < relay.first_index() {
+            // The state is ahead of the relay log (or the relay log does not reach
+            // it): what the relay log holds is not needed; continue after the state.
+            tracing::warn!(applied, relay_first = relay.first_index(), relay_last = relay.last_index(), "relay log does not continue the state; starting it after the applied index");
+            relay.reset(applied + 1, Some(state.last_seq()))?;
+        }
+        let replayed = tern_common::replay::replay(&relay, &state)?;
+        if replayed > 0 {
+            tracing::info!(events = replayed, applied = state.applied_index(), "replayed relay log after the applied index");
+        }
+        anyhow::Ok((state, relay, replayed, slave_id, clean))
+    })
+    .await??;
+
+    let repl_id = state.repl_id()?;
+    let status = LinkStatus::new(repl_id);
+    let (received_tx, received_rx) = watch::channel(relay.last_index());
+    let drain = CancellationToken::new();
+    let applier = Applier::spawn(
+        state.clone(),
+        relay.reader(),
+        received_rx.clone(),
+        cfg.slave.apply_workers,
+        status.duplicates_skipped.clone(),
+        drain.clone(),
+    );
+    let link = Link {
+        cfg: cfg.clone(),
+        slave_id: slave_id.clone(),
+        state: state.clone(),
+        relay,
+        received_tx,
+        applied: applier.applied.clone(),
+        status: status.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let link_task = tokio::spawn(link.run());
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        %slave_id,
+        master = %cfg.slave.master,
+        applied = state.applied_index(),
+        replayed_on_start,
+        clean_shutdown = clean,
+        "tern-slave serving"
+    );
+    let kv = KvService::new(state.clone(), applier.applied.clone(), None);
+    let info = Arc::new(SlaveInfo {
+        status: status.clone(),
+        master: cfg.slave.master.clone(),
+        received: received_rx,
+        applied: applier.applied.clone(),
+        replayed_on_start,
+        state: state.clone(),
+        fsync: cfg.binlog.fsync.to_string(),
+    });
+    let admin = AdminService::new(state.clone(), info);
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(kv.into_server());
+    routes.add_service(admin.into_server());
+    let served = tern_common::server::serve(
+        listener,
+        routes.routes(),
+        ServeOptions {
+            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms),
+            max_concurrent_requests: cfg.server.max_concurrent_requests,
+        },
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    // The link stops first (nothing more is appended), then the applier drains
+    // everything received, then relay and state are made durable (I6).
+    let mut relay = link_task.await?;
+    drain.cancel();
+    let applier_result = tokio::task::spawn_blocking(move || applier.join.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("applier thread panicked"))?;
+    applier_result?;
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        relay.sync()?;
+        state.flush()?;
+        Ok(())
+    })?;
+    served?;
+    let position = format!(
+        "{}:{}",
+        status
+            .snapshot()
+            .repl_id
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+        state.applied_index()
+    );
+    write_marker(&dir, &position)?;
+    tracing::info!(%position, "clean shutdown");
+    Ok(())
+}
+
+fn write_marker(dir: &Path, position: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
+    std::fs::write(&tmp, format!("{position}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
