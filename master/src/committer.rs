@@ -14,8 +14,9 @@
 //! replaying the binlog after the applied index. Nothing is shipped to slaves
 //! before it is durable under the fsync policy ([`Progress::shippable`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,8 @@ const MAX_GROUP_REQUESTS: usize = 2048;
 const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Largest total of final keys and values one transaction may log.
 const MAX_TXN_WRITE_BYTES: usize = 2 * MAX_TXN_BYTES;
+/// Recent group commit times kept for lag figures.
+const COMMIT_TIMES: usize = 65_536;
 /// Entries kept in the WRITESET history.
 const WRITESET_CAPACITY: usize = 256 * 1024;
 
@@ -75,6 +78,8 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
+    /// When each recent group committed: (last index of the group, time), for lag_ms.
+    commit_times: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 impl Progress {
@@ -92,7 +97,27 @@ impl Progress {
             last_seq: AtomicU64::new(state.last_seq()),
             transactions: AtomicU64::new(0),
             groups: AtomicU64::new(0),
+            commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
         })
+    }
+
+    /// How long ago the first event after `applied` was committed (0 if none is).
+    pub fn lag_since(&self, applied: u64) -> std::time::Duration {
+        let times = self.commit_times.lock().expect("commit times");
+        // The first group holding an event after `applied`.
+        let i = times.partition_point(|(last, _)| *last <= applied);
+        match times.get(i) {
+            Some((_, t)) => t.elapsed(),
+            None => std::time::Duration::ZERO,
+        }
+    }
+
+    fn record_commit(&self, last_index: u64) {
+        let mut times = self.commit_times.lock().expect("commit times");
+        if times.len() == COMMIT_TIMES {
+            times.pop_front();
+        }
+        times.push_back((last_index, Instant::now()));
     }
 
     fn publish(&self, binlog: &Binlog, fsync: FsyncPolicy) {
@@ -334,6 +359,7 @@ impl Committer {
                 .transactions
                 .fetch_add(txns, Ordering::Relaxed);
             self.progress.groups.fetch_add(1, Ordering::Relaxed);
+            self.progress.record_commit(last_index);
             self.progress.applied.send_replace(last_index);
         }
         for (req, answer) in group.drain(..).zip(answers) {

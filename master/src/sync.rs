@@ -44,8 +44,6 @@ struct SlaveEntry {
     session_id: u64,
     received: u64,
     applied: u64,
-    /// When the slave last had applied everything the master had.
-    caught_up_at: Option<Instant>,
 }
 
 /// State shared by every session of this master.
@@ -111,10 +109,7 @@ impl SyncShared {
                 received_index: e.received,
                 applied_index: e.applied,
                 lag_events: last.saturating_sub(e.applied),
-                lag_ms: match e.caught_up_at {
-                    Some(t) if e.applied < last => t.elapsed().as_millis() as u64,
-                    _ => 0,
-                },
+                lag_ms: self.progress.lag_since(e.applied).as_millis() as u64,
                 needs_full_sync: e.received + 1 < first,
             })
             .collect();
@@ -126,10 +121,6 @@ impl SyncShared {
         let mut slaves = self.slaves.lock().expect("slaves");
         let e = slaves.entry(slave_id.to_string()).or_default();
         f(e);
-        let last = self.progress.last_index.load(Ordering::Acquire);
-        if e.applied >= last || e.caught_up_at.is_none() {
-            e.caught_up_at = Some(Instant::now());
-        }
     }
 
     /// Decides whether the master can continue a slave from `(repl_id, index)`.

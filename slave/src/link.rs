@@ -77,8 +77,11 @@ pub enum ReconnectReason {
     Protocol(String),
     #[error("relay log: {0}")]
     Relay(String),
-    #[error("master needs a full sync of this slave: {0}")]
-    NeedFullSync(String),
+    #[error("master needs a full sync of this slave ({}): {message}", reason.as_str_name())]
+    NeedFullSync {
+        reason: pb::FullSyncReason,
+        message: String,
+    },
     #[error("{0}")]
     Fatal(String),
 }
@@ -190,7 +193,12 @@ impl Link {
                 Ok(SessionEnd::Shutdown) => break,
                 Err(reason) => {
                     let state = match reason {
-                        ReconnectReason::NeedFullSync(_) => LinkState::WaitDbSync,
+                        // A slave ahead of its master never discards data by itself.
+                        ReconnectReason::NeedFullSync {
+                            reason: pb::FullSyncReason::AheadOfMaster,
+                            ..
+                        } => LinkState::Error,
+                        ReconnectReason::NeedFullSync { .. } => LinkState::WaitDbSync,
                         ReconnectReason::Fatal(_) => LinkState::Error,
                         _ => LinkState::NoConnect,
                     };
@@ -198,7 +206,7 @@ impl Link {
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
                     if matches!(
                         reason,
-                        ReconnectReason::NeedFullSync(_) | ReconnectReason::Fatal(_)
+                        ReconnectReason::NeedFullSync { .. } | ReconnectReason::Fatal(_)
                     ) {
                         backoff = max_backoff;
                     } else if started.elapsed() > Duration::from_secs(10) {
@@ -343,13 +351,11 @@ impl Link {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         if reply.code != pb::TrySyncCode::Ok as i32 {
-            let reason = pb::FullSyncReason::try_from(reply.reason)
-                .map(|r| r.as_str_name().to_string())
-                .unwrap_or_else(|_| format!("reason {}", reply.reason));
-            return Err(ReconnectReason::NeedFullSync(format!(
-                "{reason}: {}",
-                reply.message
-            )));
+            return Err(ReconnectReason::NeedFullSync {
+                reason: pb::FullSyncReason::try_from(reply.reason)
+                    .unwrap_or(pb::FullSyncReason::Unspecified),
+                message: reply.message,
+            });
         }
         let master_repl: ReplId = reply
             .repl_id

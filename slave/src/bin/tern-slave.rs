@@ -40,7 +40,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(slave_main(cfg)) {
+    // Telemetry is set up inside the runtime (the OTLP exporter needs it) and
+    // dropped after the node stopped, while the runtime still runs, so the last
+    // spans are flushed.
+    let telemetry =
+        match rt.block_on(async { tern_common::telemetry::init("tern-slave", &cfg.telemetry) }) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tern-slave: {e:#}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+    let result = rt.block_on(slave_main(cfg));
+    drop(telemetry);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tern-slave: {e:#}");
@@ -50,7 +63,6 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn slave_main(cfg: Config) -> anyhow::Result<()> {
-    let _telemetry = tern_common::telemetry::init("tern-slave", &cfg.telemetry)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.server.listen))?;
