@@ -273,7 +273,7 @@ impl BinlogReader {
             {
                 let meta = self.shared.read();
                 if let Some(cur) = self.cur.as_mut().filter(|c| c.epoch == meta.epoch) {
-                    match meta.by_id(cur.seg_id) {
+                    match meta.find(cur.seg_first, cur.seg_id) {
                         Some(seg) => {
                             if !meta.is_tail(seg.id) {
                                 cur.sealed = Some((seg.len, seg.last_index));

@@ -105,8 +105,13 @@ impl Meta {
             .checked_sub(1)
     }
 
-    pub fn by_id(&self, id: u64) -> Option<&Segment> {
-        self.segs.iter().rev().find(|s| s.id == id)
+    /// The segment `id`, known to start at `first` (binary search).
+    pub fn find(&self, first: u64, id: u64) -> Option<&Segment> {
+        let i = self
+            .segs
+            .binary_search_by_key(&first, |s| s.first_index)
+            .ok()?;
+        Some(&self.segs[i]).filter(|s| s.id == id)
     }
 
     pub fn by_id_mut(&mut self, id: u64) -> Option<&mut Segment> {
