@@ -11,7 +11,8 @@
 # and prints a markdown table with the ratios (always / raw-sync, no / raw).
 #
 # Usage: scripts/bench.sh            (env: DURATION=10s CONCURRENCY=64 CONNECTIONS=8
-#                                      VALUE_SIZE=100 KEYS=100000 BATCH=64 PORT=17400
+#                                      VALUE_SIZE=100 KEYS=100000 BATCH=64
+#                                      PORT=<default: a free one>
 #                                      BENCH_DIR=<temp dir, default mktemp -d>)
 # Uses the dev profile (its dependencies are built optimised); honours CARGO_TARGET_DIR.
 set -euo pipefail
@@ -23,10 +24,23 @@ CONNECTIONS="${CONNECTIONS:-8}"
 VALUE_SIZE="${VALUE_SIZE:-100}"
 KEYS="${KEYS:-100000}"
 BATCH="${BATCH:-64}"
-PORT="${PORT:-17400}"
+
+# A port nobody listens on (a benchmark against someone else's node would be
+# silently wrong).
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [[ -z "${PORT:-}" ]]; then
+    PORT=$((20000 + RANDOM % 20000))
+    while port_in_use "$PORT"; do PORT=$((PORT + 1)); done
+elif port_in_use "$PORT"; then
+    echo "port $PORT is already in use" >&2
+    exit 1
+fi
 
 echo "building (cargo build --bins, dev profile)..." >&2
-(cd "$ROOT" && cargo build --bins --quiet)
+(cd "$ROOT" && cargo build --bins --quiet 2>"${TMPDIR:-/tmp}/tern-bench-build.log") || {
+    cat "${TMPDIR:-/tmp}/tern-bench-build.log" >&2
+    exit 1
+}
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
 [[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
 for b in tern-master tern-bench; do
@@ -53,7 +67,8 @@ master_run() {
     TERN__BINLOG__FSYNC="$fsync" "$BIN/tern-master" \
         --listen "127.0.0.1:$PORT" --data-dir "$dir" >"$log" 2>&1 &
     MASTER_PID=$!
-    if ! "$BIN/tern-bench" wait --target "http://127.0.0.1:$PORT" --timeout 60s >&2; then
+    if ! "$BIN/tern-bench" wait --target "http://127.0.0.1:$PORT" --timeout 60s >&2 ||
+        ! kill -0 "$MASTER_PID" 2>/dev/null; then
         echo "master (fsync=$fsync) did not come up; log $log:" >&2
         tail -n 30 "$log" >&2
         exit 1

@@ -31,7 +31,7 @@ use tern_common::config::Config;
 use tern_common::position::ReplId;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::proto::replication::v1::replication_client::ReplicationClient;
-use tern_common::record::Records;
+use tern_common::record::BytesRecords;
 use tern_common::state::State;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -494,7 +494,7 @@ impl Link {
         let mut expected = b.first_index;
         let mut skip_bytes = 0usize;
         let mut offset = 0usize;
-        for item in Records::new(&b.records) {
+        for item in BytesRecords::new(b.records.clone()) {
             let (ev, raw) = item
                 .map_err(|e| proto(format!("batch [{}, {}]: {e}", b.first_index, b.last_index)))?;
             if ev.index != expected {
