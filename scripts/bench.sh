@@ -37,10 +37,12 @@ elif port_in_use "$PORT"; then
 fi
 
 echo "building (cargo build --bins, dev profile)..." >&2
-(cd "$ROOT" && cargo build --bins --quiet 2>"${TMPDIR:-/tmp}/tern-bench-build.log") || {
-    cat "${TMPDIR:-/tmp}/tern-bench-build.log" >&2
+BUILD_LOG="$(mktemp -t tern-bench-build.XXXXXX)"
+if ! (cd "$ROOT" && cargo build --bins --quiet 2>"$BUILD_LOG"); then
+    cat "$BUILD_LOG" >&2
     exit 1
-}
+fi
+rm -f "$BUILD_LOG"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
 [[ "$BIN" = /* ]] || BIN="$ROOT/$BIN"
 for b in tern-master tern-bench; do

@@ -1,0 +1,70 @@
+//! tern-integration: end-to-end tests over real `tern-master` / `tern-slave`
+//! processes, and the `tern-bench` load generator.
+//!
+//! - [`node`]: the process harness: find the binaries, start a node on a free
+//!   port with its own data directory and log file, wait until it answers
+//!   `Admin.Info`, SIGKILL / SIGTERM / SIGSTOP / SIGCONT it, restart it on the
+//!   same port and data directory, hand out gRPC clients.
+//! - [`workload`]: workloads with a model of what was acknowledged, and the
+//!   exactly-once checkers: [`workload::Counters`] (IncrBy, also two keys in one
+//!   Txn) and [`workload::AppendLog`] (Append of unique tokens), driven by
+//!   [`workload::Load`] from many concurrent clients.
+//! - [`TestDir`]: a temporary directory for one test, kept (and its path
+//!   printed) when the test fails, so node logs and data can be inspected.
+//!
+//! The binaries are not built by `cargo test`: run `cargo build --bins` first
+//! (or point `TERN_BIN_DIR` at a directory holding them).
+
+pub mod node;
+pub mod workload;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+pub use node::{Node, bin_path};
+pub use workload::{AppendLog, Counters, Load, LoadStats, Workload};
+
+/// A free TCP port on 127.0.0.1 (bound to :0, read, released).
+///
+/// Another process may take it before the node binds it; that is rare enough
+/// for tests and shows up as a node that fails to start with "binding ...".
+pub fn pick_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    l.local_addr().expect("local_addr of a bound socket").port()
+}
+
+/// A temporary directory for one test. Removed when dropped, except while the
+/// thread is panicking (a failed test): then it is kept and its path printed.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    /// Creates `$TMPDIR/tern-<name>-XXXXXX`.
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-{name}-"))
+            .tempdir()
+            .expect("creating a temporary directory");
+        TestDir { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("TestDir is alive").path()
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path().join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!("test directory kept for inspection: {}", kept.display());
+        }
+    }
+}
