@@ -79,6 +79,13 @@ master_run() {
     "$BIN/tern-bench" kv --target "http://127.0.0.1:$PORT" --concurrency "$CONCURRENCY" \
         --connections "$CONNECTIONS" --duration "$DURATION" --value-size "$VALUE_SIZE" \
         --keys "$KEYS" --mix put=100 --json
+    # The master's average group (transactions per binlog append + fsync), so the
+    # raw baseline can also be run with the same batches.
+    local info
+    info="$(grpcurl -plaintext "127.0.0.1:$PORT" tern.admin.v1.Admin/Info)"
+    awk -F'"' '/"transactionsCommitted"/ { t = $4 } /"commitGroups"/ { g = $4 }
+        END { if (g > 0) printf "%d\n", (t / g) + 0.5; else print 1 }' <<<"$info" \
+        >"$WORK/group-$fsync"
     kill -TERM "$MASTER_PID"
     local rc=0
     wait "$MASTER_PID" || rc=$?
@@ -90,18 +97,20 @@ master_run() {
     fi
 }
 
-raw_run() {
-    local name="$1"; shift
+raw_run() { # raw_run NAME BATCH [--sync]
+    local name="$1" batch="$2"; shift 2
     rm -rf "$WORK/$name"
-    echo "raw RocksDB benchmark $name, $DURATION..." >&2
-    "$BIN/tern-bench" raw --dir "$WORK/$name" --batch "$BATCH" --value-size "$VALUE_SIZE" \
+    echo "raw RocksDB benchmark $name, batch $batch, $DURATION..." >&2
+    "$BIN/tern-bench" raw --dir "$WORK/$name" --batch "$batch" --value-size "$VALUE_SIZE" \
         --keys "$KEYS" --duration "$DURATION" --json "$@"
 }
 
 ALWAYS="$(master_run always)"
+GROUP="$(cat "$WORK/group-always")"
 NOSYNC="$(master_run no)"
-RAW_SYNC="$(raw_run raw-sync --sync)"
-RAW="$(raw_run raw-nosync)"
+RAW_SYNC="$(raw_run raw-sync "$BATCH" --sync)"
+RAW_SYNC_GROUP="$(raw_run raw-sync-group "$GROUP" --sync)"
+RAW="$(raw_run raw-nosync "$BATCH")"
 
 field() { # field JSON NAME
     sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"
@@ -130,9 +139,11 @@ echo "|---|---:|---:|---:|---:|---:|---|"
 row "tern master, fsync=always" "$ALWAYS"
 row "tern master, fsync=no" "$NOSYNC"
 row "raw RocksDB, WAL sync, batch $BATCH" "$RAW_SYNC"
+row "raw RocksDB, WAL sync, batch $GROUP (= master's mean group)" "$RAW_SYNC_GROUP"
 row "raw RocksDB, WAL no sync, batch $BATCH" "$RAW"
 echo
 echo "| ratio | value |"
 echo "|---|---:|"
-echo "| tern fsync=always / raw sync | $(ratio "$(field "$ALWAYS" puts_per_sec)" "$(field "$RAW_SYNC" puts_per_sec)") |"
+echo "| tern fsync=always / raw sync, batch $BATCH | $(ratio "$(field "$ALWAYS" puts_per_sec)" "$(field "$RAW_SYNC" puts_per_sec)") |"
+echo "| tern fsync=always / raw sync, same batches ($GROUP) | $(ratio "$(field "$ALWAYS" puts_per_sec)" "$(field "$RAW_SYNC_GROUP" puts_per_sec)") |"
 echo "| tern fsync=no / raw no sync | $(ratio "$(field "$NOSYNC" puts_per_sec)" "$(field "$RAW" puts_per_sec)") |"

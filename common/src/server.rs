@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -96,12 +97,21 @@ pub async fn serve(
         ))
         .into_inner();
     let shutdown_health = shutdown.clone();
+    // Accepted sockets are ours, not tonic's: without TCP_NODELAY a response
+    // written in two segments waits for the peer's delayed ACK (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        })
+    });
     tonic::transport::Server::builder()
         .timeout(opts.request_timeout)
         .tcp_nodelay(true)
         .layer(layer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown_health.cancelled().await;
             health_reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
