@@ -9,6 +9,7 @@
 //!   exactly-once checkers: [`workload::Counters`] (IncrBy, also two keys in one
 //!   Txn) and [`workload::AppendLog`] (Append of unique tokens), driven by
 //!   [`workload::Load`] from many concurrent clients.
+//! - [`repl_bench`]: `tern-bench repl`, replication lag and catch-up rate.
 //! - [`TestDir`]: a temporary directory for one test, kept (and its path
 //!   printed) when the test fails, so node logs and data can be inspected.
 //!
@@ -16,6 +17,7 @@
 //! (or point `TERN_BIN_DIR` at a directory holding them).
 
 pub mod node;
+pub mod repl_bench;
 pub mod workload;
 
 use std::net::TcpListener;

@@ -45,6 +45,38 @@ enum Cmd {
     Raw(RawArgs),
     /// Wait until a node answers Admin.Info (for scripts; polls every 100 ms).
     Wait(WaitArgs),
+    /// Replication lag (master ack -> slave applied) and catch-up rate.
+    Repl(ReplArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplArgs {
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    master: String,
+    #[arg(long, default_value = "http://127.0.0.1:7401")]
+    slave: String,
+    /// Pid of the slave, to freeze it (SIGSTOP) for the catch-up measurement.
+    #[arg(long)]
+    slave_pid: Option<i32>,
+    /// Total Puts per second on the master during the lag measurement.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Measure the replication lag of one write in this many.
+    #[arg(long, default_value_t = 10)]
+    sample_every: u64,
+    /// How long the slave stays frozen while the master writes flat out.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    catchup: Duration,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -296,6 +328,25 @@ fn main() -> anyhow::Result<()> {
         Cmd::Wait(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(wait_ready(&a))?;
+        }
+        Cmd::Repl(a) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let json = a.json;
+            let report = rt.block_on(tern_integration::repl_bench::run(
+                tern_integration::repl_bench::ReplBenchArgs {
+                    master: a.master,
+                    slave: a.slave,
+                    slave_pid: a.slave_pid,
+                    rate: a.rate,
+                    concurrency: a.concurrency,
+                    duration: a.duration,
+                    value_size: a.value_size,
+                    keys: a.keys,
+                    sample_every: a.sample_every,
+                    catchup: a.catchup,
+                },
+            ))?;
+            report.print(json);
         }
     }
     Ok(())
