@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use crate::position::ReplId;
 
 const META_CF: &str = "meta";
+
+/// How often writers start a background flush (bounds crash-recovery replay).
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEY_APPLIED: &[u8] = b"applied_index";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 const KEY_REPL_ID: &[u8] = b"repl_id";
@@ -234,6 +237,20 @@ impl State {
     pub fn flush(&self) -> Result<(), StateError> {
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
+        let default = self
+            .inner
+            .db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .expect("default column family exists");
+        self.inner.db.flush_cfs_opt(&[default, self.meta()], &fo)?;
+        Ok(())
+    }
+
+    /// Starts a flush of every column family without waiting for it. Called
+    /// periodically so that crash recovery replays a bounded part of the binlog.
+    pub fn request_flush(&self) -> Result<(), StateError> {
+        let mut fo = FlushOptions::default();
+        fo.set_wait(false);
         let default = self
             .inner
             .db

@@ -25,7 +25,7 @@ use tern_common::binlog::{Binlog, FsyncPolicy};
 use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
-use tern_common::state::{GroupBatch, State};
+use tern_common::state::{FLUSH_INTERVAL, GroupBatch, State};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::writeset::WriteSet;
@@ -180,6 +180,7 @@ pub fn spawn(
         fsync,
         progress: progress.clone(),
         last_sync: Instant::now(),
+        last_flush: Instant::now(),
     };
     let join = std::thread::Builder::new()
         .name("committer".into())
@@ -196,6 +197,7 @@ struct Committer {
     next_seq: u64,
     progress: Arc<Progress>,
     last_sync: Instant,
+    last_flush: Instant,
 }
 
 /// Writes of the group not yet in RocksDB: `None` is a delete.
@@ -360,6 +362,12 @@ impl Committer {
                 .fetch_add(txns, Ordering::Relaxed);
             self.progress.groups.fetch_add(1, Ordering::Relaxed);
             self.progress.record_commit(last_index);
+            if self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                self.last_flush = Instant::now();
+                if let Err(e) = self.state.request_flush() {
+                    tracing::warn!(error = %e, "background flush request failed");
+                }
+            }
             self.progress.applied.send_replace(last_index);
         }
         for (req, answer) in group.drain(..).zip(answers) {

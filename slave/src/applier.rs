@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tern_common::binlog::BinlogReader;
 use tern_common::record::{Event, EventKind};
-use tern_common::state::{GroupBatch, State};
+use tern_common::state::{FLUSH_INTERVAL, GroupBatch, State};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +74,7 @@ pub struct Applier {
     runtime: tokio::runtime::Handle,
     /// A transaction whose Commit the last read did not reach yet.
     carry: Option<Txn>,
+    last_flush: std::time::Instant,
     #[cfg(feature = "fault-injection")]
     delay: Option<std::time::Duration>,
 }
@@ -98,6 +99,7 @@ impl Applier {
             shutdown,
             runtime: tokio::runtime::Handle::current(),
             carry: None,
+            last_flush: std::time::Instant::now(),
             #[cfg(feature = "fault-injection")]
             delay: std::env::var("TERN_FAULT_APPLY_DELAY_MS")
                 .ok()
@@ -212,6 +214,10 @@ impl Applier {
         }
         self.state.apply(batch, index, seq)?;
         self.applied_tx.send_replace(index);
+        if self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            self.last_flush = std::time::Instant::now();
+            self.state.request_flush()?;
+        }
         Ok(index)
     }
 
