@@ -3,9 +3,11 @@
 //!
 //! - [`link`]: connection state machine, reconnect barrier (I4), receiver (I3).
 //! - [`applier`]: relay log → scheduler → prepare workers → ordered committer (I5).
+//! - [`fullsync`]: DbSync download (verified, resumable) and the crash-safe swap.
 //! - [`node`]: data directory, start-up recovery, services and [`run`].
 
 pub mod applier;
+pub mod fullsync;
 pub mod link;
 pub mod node;
 

@@ -34,6 +34,8 @@ use tern_common::proto::replication::v1::replication_client::ReplicationClient;
 use tern_common::record::BytesRecords;
 use tern_common::state::State;
 use tokio::sync::{mpsc, watch};
+
+use crate::fullsync::{self, Staged};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -82,6 +84,8 @@ pub enum ReconnectReason {
         reason: pb::FullSyncReason,
         message: String,
     },
+    #[error("full sync: {0}")]
+    FullSync(String),
     #[error("{0}")]
     Fatal(String),
 }
@@ -98,6 +102,7 @@ pub struct LinkStatus {
     pub relay_last: AtomicU64,
     pub relay_durable: AtomicU64,
     pub relay_bytes: AtomicU64,
+    pub full_sync: fullsync::Progress,
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +131,7 @@ impl LinkStatus {
             relay_last: AtomicU64::new(0),
             relay_durable: AtomicU64::new(0),
             relay_bytes: AtomicU64::new(0),
+            full_sync: fullsync::Progress::default(),
         })
     }
 
@@ -133,7 +139,7 @@ impl LinkStatus {
         self.inner.lock().expect("link status").clone()
     }
 
-    fn set(&self, f: impl FnOnce(&mut LinkStatusInner)) {
+    pub fn set(&self, f: impl FnOnce(&mut LinkStatusInner)) {
         f(&mut self.inner.lock().expect("link status"));
     }
 
@@ -161,6 +167,16 @@ pub struct Link {
 
 enum SessionEnd {
     Shutdown,
+    FullSyncStaged(Staged),
+}
+
+/// Why [`Link::run`] returned.
+pub enum LinkExit {
+    /// The node is shutting down.
+    Shutdown,
+    /// A full sync is downloaded and verified: the node must close RocksDB and
+    /// the relay log and install it ([`crate::fullsync::apply_staged`]).
+    FullSyncStaged(Staged),
 }
 
 fn now_ms() -> u64 {
@@ -175,9 +191,11 @@ fn slave_msg(msg: pb::slave_message::Msg) -> pb::SlaveMessage {
 }
 
 impl Link {
-    /// Follows the master until shutdown; returns the relay log for a clean close.
-    pub async fn run(mut self) -> Binlog {
+    /// Follows the master until shutdown or until a full sync is staged; returns
+    /// the relay log for a clean close.
+    pub async fn run(mut self) -> (Binlog, LinkExit) {
         self.status.publish_relay(&self.relay);
+        let mut exit = LinkExit::Shutdown;
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_secs(5);
         loop {
@@ -191,6 +209,10 @@ impl Link {
             let started = Instant::now();
             match self.session().await {
                 Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::FullSyncStaged(staged)) => {
+                    exit = LinkExit::FullSyncStaged(staged);
+                    break;
+                }
                 Err(reason) => {
                     let state = match reason {
                         // A slave ahead of its master never discards data by itself.
@@ -198,7 +220,9 @@ impl Link {
                             reason: pb::FullSyncReason::AheadOfMaster,
                             ..
                         } => LinkState::Error,
-                        ReconnectReason::NeedFullSync { .. } => LinkState::WaitDbSync,
+                        ReconnectReason::NeedFullSync { .. } | ReconnectReason::FullSync(_) => {
+                            LinkState::WaitDbSync
+                        }
                         ReconnectReason::Fatal(_) => LinkState::Error,
                         _ => LinkState::NoConnect,
                     };
@@ -229,7 +253,7 @@ impl Link {
         {
             tracing::error!(error = %e, "rolling back the relay log to {received}");
         }
-        self.relay
+        (self.relay, exit)
     }
 
     fn fail(&self, state: LinkState, reason: &dyn std::fmt::Display) {
@@ -293,6 +317,10 @@ impl Link {
             .await;
         match &result {
             Ok(SessionEnd::Shutdown) => span.record("outcome", "shutdown"),
+            Ok(SessionEnd::FullSyncStaged(s)) => span.record(
+                "outcome",
+                tracing::field::display(format!("full sync staged at {}", s.index)),
+            ),
             Err(e) => span.record("outcome", tracing::field::display(e)),
         };
         result
@@ -351,11 +379,34 @@ impl Link {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         if reply.code != pb::TrySyncCode::Ok as i32 {
-            return Err(ReconnectReason::NeedFullSync {
-                reason: pb::FullSyncReason::try_from(reply.reason)
-                    .unwrap_or(pb::FullSyncReason::Unspecified),
-                message: reply.message,
-            });
+            let reason = pb::FullSyncReason::try_from(reply.reason)
+                .unwrap_or(pb::FullSyncReason::Unspecified);
+            if reason == pb::FullSyncReason::AheadOfMaster && !self.cfg.slave.resync_when_ahead {
+                return Err(ReconnectReason::NeedFullSync {
+                    reason,
+                    message: format!(
+                        "{}; keeping this slave's data (set slave.resync_when_ahead = true to replace it with the master's)",
+                        reply.message
+                    ),
+                });
+            }
+            drop(inbound);
+            drop(out_tx);
+            tracing::info!(reason = reason.as_str_name(), message = %reply.message, "master asks for a full sync");
+            self.status.set(|s| s.state = LinkState::WaitDbSync);
+            let mut md = tonic::metadata::MetadataMap::new();
+            tern_common::telemetry::inject_context(span, &mut md);
+            let fetched = tokio::select! {
+                r = fullsync::fetch(&mut client, &self.cfg.server.data_dir, &self.slave_id, &self.status.full_sync, &md) => r,
+                _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            };
+            return match fetched {
+                Ok(staged) => {
+                    self.status.full_syncs.fetch_add(1, Ordering::Relaxed);
+                    Ok(SessionEnd::FullSyncStaged(staged))
+                }
+                Err(e) => Err(ReconnectReason::FullSync(e.to_string())),
+            };
         }
         let master_repl: ReplId = reply
             .repl_id

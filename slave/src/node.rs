@@ -24,7 +24,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
-use crate::link::{Link, LinkStatus};
+use crate::fullsync;
+use crate::link::{Link, LinkExit, LinkStatus};
 
 const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
 
@@ -60,6 +61,12 @@ impl InfoSource for SlaveInfo {
                 session_id: link.session_id,
                 received_index: *self.received.borrow(),
                 last_error: link.last_error,
+            }),
+            full_sync: (link.state == crate::link::LinkState::WaitDbSync).then(|| {
+                admin::FullSyncProgress {
+                    bytes_total: s.full_sync.bytes_total.load(Ordering::Relaxed),
+                    bytes_done: s.full_sync.bytes_done.load(Ordering::Relaxed),
+                }
             }),
             counters: Some(admin::Counters {
                 full_syncs: s.full_syncs.load(Ordering::Relaxed),
@@ -97,59 +104,123 @@ fn slave_id(cfg: &Config, dir: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Runs a slave on `listener` until `shutdown` is cancelled.
+/// Runs a slave on `listener` until `shutdown` is cancelled. A full sync
+/// closes everything, installs the snapshot and starts again on the same port.
 pub async fn run(
     listener: TcpListener,
     cfg: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = listener.into_std()?;
+    let status = LinkStatus::new(None);
+    loop {
+        let l = TcpListener::from_std(listener.try_clone()?)?;
+        match run_once(l, &cfg, &status, &shutdown).await? {
+            LinkExit::Shutdown => return Ok(()),
+            LinkExit::FullSyncStaged(staged) => {
+                tracing::info!(
+                    snapshot_id = %staged.snapshot_id,
+                    index = staged.index,
+                    "restarting the node on the new snapshot"
+                );
+            }
+        }
+    }
+}
+
+fn binlog_options(cfg: &Config) -> BinlogOptions {
+    BinlogOptions {
+        segment_bytes: cfg.binlog.segment_bytes,
+        fsync: cfg.binlog.fsync,
+    }
+}
+
+struct Opened {
+    state: State,
+    relay: Binlog,
+    replayed_on_start: u64,
+    slave_id: String,
+    clean: bool,
+}
+
+/// Installs a staged full sync if one is ready, opens RocksDB and the relay log
+/// (truncating a partial transaction at its tail) and replays the relay log
+/// after the applied index.
+fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
+    let dir = &cfg.server.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let marker = dir.join(CLEAN_MARKER);
+    let clean = marker.exists();
+    if clean {
+        std::fs::remove_file(&marker)?;
+    }
+    let slave_id = slave_id(cfg, dir)?;
+    if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
+        tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
+    }
+    let state = State::open(&dir.join("db"))
+        .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
+    let (mut relay, report) = Binlog::open(&dir.join("binlog"), binlog_options(cfg))
+        .with_context(|| format!("opening relay log in {}", dir.join("binlog").display()))?;
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            events = report.truncated_events,
+            last_index = report.last_index,
+            "relay log tail was torn or held a partial transaction; truncated it (it will be fetched again)"
+        );
+    }
+    let applied = state.applied_index();
+    if applied > relay.last_index() || applied + 1 < relay.first_index() {
+        // The relay log does not continue the state (e.g. its unsynced tail was
+        // lost): what it holds is not needed; continue after the state.
+        tracing::warn!(
+            applied,
+            relay_first = relay.first_index(),
+            relay_last = relay.last_index(),
+            "relay log does not continue the state; starting it after the applied index"
+        );
+        relay.reset(applied + 1, Some(state.last_seq()))?;
+    }
+    let replayed_on_start = tern_common::replay::replay(&relay, &state)?;
+    if replayed_on_start > 0 {
+        tracing::info!(
+            events = replayed_on_start,
+            applied = state.applied_index(),
+            "replayed relay log after the applied index"
+        );
+    }
+    Ok(Opened {
+        state,
+        relay,
+        replayed_on_start,
+        slave_id,
+        clean,
+    })
+}
+
+async fn run_once(
+    listener: TcpListener,
+    cfg: &Config,
+    status: &Arc<LinkStatus>,
+    outer: &CancellationToken,
+) -> anyhow::Result<LinkExit> {
     let dir = cfg.server.data_dir.clone();
     let cfg2 = cfg.clone();
-    let (state, relay, replayed_on_start, slave_id, clean) = tokio::task::spawn_blocking(move || {
-        let cfg = cfg2;
-        let dir = &cfg.server.data_dir;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let marker = dir.join(CLEAN_MARKER);
-        let clean = marker.exists();
-        if clean {
-            std::fs::remove_file(&marker)?;
-        }
-        let slave_id = slave_id(&cfg, dir)?;
-        let state = State::open(&dir.join("db"))
-            .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
-        let (mut relay, report) = Binlog::open(
-            &dir.join("binlog"),
-            BinlogOptions {
-                segment_bytes: cfg.binlog.segment_bytes,
-                fsync: cfg.binlog.fsync,
-            },
-        )
-        .with_context(|| format!("opening relay log in {}", dir.join("binlog").display()))?;
-        if report.truncated_bytes > 0 {
-            tracing::warn!(
-                bytes = report.truncated_bytes,
-                events = report.truncated_events,
-                last_index = report.last_index,
-                "relay log tail was torn or held a partial transaction; truncated it (it will be fetched again)"
-            );
-        }
-        let applied = state.applied_index();
-        if applied > relay.last_index() || applied + 1 < relay.first_index() {
-            // The state is ahead of the relay log (or the relay log does not reach
-            // it): what the relay log holds is not needed; continue after the state.
-            tracing::warn!(applied, relay_first = relay.first_index(), relay_last = relay.last_index(), "relay log does not continue the state; starting it after the applied index");
-            relay.reset(applied + 1, Some(state.last_seq()))?;
-        }
-        let replayed = tern_common::replay::replay(&relay, &state)?;
-        if replayed > 0 {
-            tracing::info!(events = replayed, applied = state.applied_index(), "replayed relay log after the applied index");
-        }
-        anyhow::Ok((state, relay, replayed, slave_id, clean))
-    })
-    .await??;
-
+    let Opened {
+        state,
+        relay,
+        replayed_on_start,
+        slave_id,
+        clean,
+    } = tokio::task::spawn_blocking(move || open_data_dir(&cfg2)).await??;
+    // This incarnation stops on shutdown, or when the link staged a full sync.
+    let shutdown = outer.child_token();
     let repl_id = state.repl_id()?;
-    let status = LinkStatus::new(repl_id);
+    status.set(|s| {
+        s.repl_id = repl_id;
+        s.session_id = 0;
+    });
     let (received_tx, received_rx) = watch::channel(relay.last_index());
     let drain = CancellationToken::new();
     let applier = Applier::spawn(
@@ -170,7 +241,13 @@ pub async fn run(
         status: status.clone(),
         shutdown: shutdown.clone(),
     };
-    let link_task = tokio::spawn(link.run());
+    let link_shutdown = shutdown.clone();
+    let link_task = tokio::spawn(async move {
+        let out = link.run().await;
+        // A staged full sync stops this incarnation like a shutdown does.
+        link_shutdown.cancel();
+        out
+    });
     tracing::info!(
         listen = %listener.local_addr()?,
         %slave_id,
@@ -207,7 +284,7 @@ pub async fn run(
     shutdown.cancel();
     // The link stops first (nothing more is appended), then the applier drains
     // everything received, then relay and state are made durable (I6).
-    let mut relay = link_task.await?;
+    let (mut relay, exit) = link_task.await?;
     drain.cancel();
     let applier_result = tokio::task::spawn_blocking(move || applier.join.join())
         .await?
@@ -219,18 +296,20 @@ pub async fn run(
         Ok(())
     })?;
     served?;
-    let position = format!(
-        "{}:{}",
-        status
-            .snapshot()
-            .repl_id
-            .map(|r| r.to_string())
-            .unwrap_or_default(),
-        state.applied_index()
-    );
-    write_marker(&dir, &position)?;
-    tracing::info!(%position, "clean shutdown");
-    Ok(())
+    if matches!(exit, LinkExit::Shutdown) {
+        let position = format!(
+            "{}:{}",
+            status
+                .snapshot()
+                .repl_id
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+            state.applied_index()
+        );
+        write_marker(&dir, &position)?;
+        tracing::info!(%position, "clean shutdown");
+    }
+    Ok(exit)
 }
 
 fn write_marker(dir: &Path, position: &str) -> anyhow::Result<()> {
