@@ -282,3 +282,89 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
     report.catchup_events_per_sec = report.backlog_events as f64 / report.catchup_secs;
     Ok(report)
 }
+
+/// `tern-bench fill`: writes `keys` keys of `value_size` bytes (keys
+/// `fill-000000000000`…), `concurrency` at a time; prints the rate.
+pub async fn fill(
+    target: &str,
+    keys: u64,
+    value_size: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let ch = connect(target).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency.max(1) {
+        let mut kv = KvClient::new(ch.clone())
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(usize::MAX);
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let value = Bytes::from(vec![b'a' + (t % 26) as u8; value_size]);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return anyhow::Ok(());
+                }
+                kv.put(PutRequest {
+                    key: Bytes::from(format!("fill-{i:012}")),
+                    value: value.clone(),
+                })
+                .await
+                .with_context(|| format!("put fill-{i:012}"))?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "fill: {keys} keys of {value_size} B in {secs:.1}s ({:.1} MB/s)",
+        (keys as f64 * value_size as f64) / secs / 1e6
+    );
+    Ok(())
+}
+
+/// `tern-bench wait-synced`: waits until the slave has finished a full sync and
+/// streams from the master (its link is connected), then until it has applied
+/// the master's last index; prints both times.
+pub async fn wait_synced(master: &str, slave: &str, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut madmin = AdminClient::new(connect(master).await?);
+    let mut sadmin = loop {
+        match connect(slave).await {
+            Ok(c) => break AdminClient::new(c),
+            Err(e) if started.elapsed() < timeout => {
+                tracing::debug!(error = %e, "slave not up yet");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let mut connected_at = None;
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "slave not synced after {timeout:?}"
+        );
+        if let Ok(i) = sadmin.info(InfoRequest {}).await.map(|r| r.into_inner()) {
+            let full = i.counters.map(|c| c.full_syncs).unwrap_or(0);
+            let connected = i.link.as_ref().is_some_and(|l| l.state == "connected");
+            if connected_at.is_none() && full >= 1 && connected {
+                connected_at = Some(started.elapsed());
+            }
+            if connected_at.is_some() && i.applied_index >= last_index(&mut madmin).await? {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "wait-synced: streaming after {:.2}s, caught up after {:.2}s",
+        connected_at.unwrap_or_default().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

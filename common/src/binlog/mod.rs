@@ -444,8 +444,35 @@ impl Binlog {
     /// `Commit` (whose seq becomes [`last_seq`](Self::last_seq)).
     ///
     /// Before writing, a new segment is started if the tail has reached
-    /// `segment_bytes` and the log is at a boundary.
+    /// `segment_bytes` and the log is at a boundary. A full tail that is inside
+    /// a transaction is closed at the first `Commit` of `records`, so segments
+    /// stay near `segment_bytes` even when every batch ends mid-transaction (a
+    /// catching-up slave's relay log); the append is then two writes.
     pub fn append(
+        &mut self,
+        records: &[u8],
+        first_index: u64,
+        last_index: u64,
+        ends_at_boundary: bool,
+    ) -> Result<(), BinlogError> {
+        if self.tail_len >= self.opts.segment_bytes
+            && !self.at_boundary
+            && first_index == self.next_index
+            && let Some((split, commit_index)) = end_of_first_commit(records, first_index)
+            && commit_index < last_index
+        {
+            self.append_unsplit(&records[..split], first_index, commit_index, true)?;
+            return self.append_unsplit(
+                &records[split..],
+                commit_index + 1,
+                last_index,
+                ends_at_boundary,
+            );
+        }
+        self.append_unsplit(records, first_index, last_index, ends_at_boundary)
+    }
+
+    fn append_unsplit(
         &mut self,
         records: &[u8],
         first_index: u64,
@@ -1019,6 +1046,25 @@ fn scan_tail(file: &File, path: &Path, first: u64) -> Result<TailScan, BinlogErr
     let good_len = scan.good_len;
     scan.sparse.retain(|e| e.1 < good_len);
     Ok(scan)
+}
+
+/// Byte offset just past the first `Commit` record in `records` (whose first
+/// record has index `first_index`), and that Commit's index. Reads headers and
+/// tags only; `None` if there is none or the framing is bad (the append's own
+/// checks then report it).
+fn end_of_first_commit(records: &[u8], first_index: u64) -> Option<(usize, u64)> {
+    let mut off = 0usize;
+    let mut index = first_index;
+    while off < records.len() {
+        let len = record::frame_len(&records[off..]).ok()?;
+        let (_, tag) = record::peek(&records[off..off + len])?;
+        off += len;
+        if tag == KindTag::Commit {
+            return Some((off, index));
+        }
+        index += 1;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -293,6 +293,49 @@ fn segments_roll_only_at_boundaries() {
     }
 }
 
+/// A relay log fed batches that cut transactions anywhere (as a catching-up
+/// slave's is) still rolls near `segment_bytes`: a full tail inside a
+/// transaction is closed at the next Commit of a batch.
+#[test]
+fn segments_roll_when_every_append_ends_mid_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = Binlog::open(tmp.path(), opts(4096)).unwrap();
+    let mut stream = Vec::new();
+    let mut first = 1;
+    for seq in 1..=60 {
+        let (recs, last) = txn(first, seq, 7, 300);
+        stream.extend_from_slice(&recs);
+        first = last + 1;
+    }
+    let txn_len = txn(1, 1, 7, 300).0.len();
+    let frames: Vec<&[u8]> = Frames::new(&stream).map(|f| f.unwrap()).collect();
+    let mut index = 1;
+    // 5 frames per append: with 9-frame transactions almost no append ends at a Commit.
+    for piece in frames.chunks(5) {
+        let bytes = piece.concat();
+        let end = index + piece.len() as u64 - 1;
+        let at_boundary = matches!(
+            record::peek(piece.last().unwrap()),
+            Some((_, KindTag::Commit))
+        );
+        log.append(&bytes, index, end, at_boundary).unwrap();
+        index = end + 1;
+    }
+    let files = segment_files(tmp.path());
+    assert!(files.len() > 5, "{files:?}");
+    for name in &files {
+        let bytes = fs::read(tmp.path().join(name)).unwrap();
+        let evs: Vec<Event> = Records::new(&bytes).map(|r| r.unwrap().0).collect();
+        assert!(matches!(evs[0].kind, EventKind::Begin { .. }), "{name}");
+        assert!(bytes.len() < 4096 + 2 * txn_len, "{name}: {}", bytes.len());
+    }
+    assert_eq!(read_all(&log, 1), stream);
+    drop(log);
+    let (log, report) = Binlog::open(tmp.path(), opts(4096)).unwrap();
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(read_all(&log, 1), stream);
+}
+
 #[test]
 fn sparse_index_seeks_in_big_segments() {
     let tmp = tempfile::tempdir().unwrap();

@@ -47,6 +47,32 @@ enum Cmd {
     Wait(WaitArgs),
     /// Replication lag (master ack -> slave applied) and catch-up rate.
     Repl(ReplArgs),
+    /// Write N keys of a given size (to make a dataset).
+    Fill(FillArgs),
+    /// Wait until a slave has full-synced, streams, and caught up with its master.
+    WaitSynced(WaitSyncedArgs),
+}
+
+#[derive(Args, Debug)]
+struct FillArgs {
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    target: String,
+    #[arg(long)]
+    keys: u64,
+    #[arg(long, default_value_t = 65536)]
+    value_size: usize,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+#[derive(Args, Debug)]
+struct WaitSyncedArgs {
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    master: String,
+    #[arg(long, default_value = "http://127.0.0.1:7401")]
+    slave: String,
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +354,21 @@ fn main() -> anyhow::Result<()> {
         Cmd::Wait(a) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(wait_ready(&a))?;
+        }
+        Cmd::Fill(a) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tern_integration::repl_bench::fill(
+                &a.target,
+                a.keys,
+                a.value_size,
+                a.concurrency,
+            ))?;
+        }
+        Cmd::WaitSynced(a) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tern_integration::repl_bench::wait_synced(
+                &a.master, &a.slave, a.timeout,
+            ))?;
         }
         Cmd::Repl(a) => {
             let rt = tokio::runtime::Runtime::new()?;
