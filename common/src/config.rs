@@ -90,6 +90,9 @@ pub struct SyncConfig {
     pub window_bytes: usize,
     /// Largest BinlogBatch (a single larger record is still sent alone).
     pub batch_bytes: usize,
+    /// Master: a full-sync snapshot (checkpoint) no stream has used for this
+    /// long is deleted and its binlog pin released.
+    pub snapshot_idle_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -100,6 +103,7 @@ impl Default for SyncConfig {
             window_batches: 64,
             window_bytes: 64 << 20,
             batch_bytes: 1 << 20,
+            snapshot_idle_ms: 60_000,
         }
     }
 }

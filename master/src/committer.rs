@@ -13,6 +13,11 @@
 //! Binlog before state: a crash between 1 and 2 is repaired at start-up by
 //! replaying the binlog after the applied index. Nothing is shipped to slaves
 //! before it is durable under the fsync policy ([`Progress::shippable`]).
+//!
+//! The committer also owns binlog **retention** (it owns the [`Binlog`]): at
+//! most every [`RETENTION_INTERVAL`], after a group or when idle, it works out
+//! what [`crate::retention`] allows, flushes RocksDB (so the state never
+//! depends on purged binlog), and purges while holding the pin registry's lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +33,8 @@ use tern_common::record::{Event, EventKind, encode_record};
 use tern_common::state::{FLUSH_INTERVAL, GroupBatch, State};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::pins::{Pins, SLAVE_PREFIX, SNAPSHOT_PREFIX};
+use crate::retention::{self, Policy};
 use crate::writeset::WriteSet;
 
 /// Most requests executed in one group.
@@ -40,6 +47,8 @@ const MAX_TXN_WRITE_BYTES: usize = 2 * MAX_TXN_BYTES;
 const COMMIT_TIMES: usize = 65_536;
 /// Entries kept in the WRITESET history.
 const WRITESET_CAPACITY: usize = 256 * 1024;
+/// Retention runs at most this often.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WriteError {
@@ -160,10 +169,14 @@ impl CommitterHandle {
 
 /// Starts the committer thread. It stops when every [`CommitterHandle`] is gone,
 /// after making the binlog and the state durable, and then returns the binlog.
+/// It purges the binlog under `retention`, never past `pins` (but see
+/// [`crate::retention`] about the hard cap).
 pub fn spawn(
     binlog: Binlog,
     state: State,
     fsync: FsyncPolicy,
+    retention: Policy,
+    pins: Arc<Pins>,
     runtime: tokio::runtime::Handle,
 ) -> (
     CommitterHandle,
@@ -181,6 +194,9 @@ pub fn spawn(
         progress: progress.clone(),
         last_sync: Instant::now(),
         last_flush: Instant::now(),
+        retention,
+        pins,
+        last_retention: Instant::now(),
     };
     let join = std::thread::Builder::new()
         .name("committer".into())
@@ -198,6 +214,9 @@ struct Committer {
     progress: Arc<Progress>,
     last_sync: Instant,
     last_flush: Instant,
+    retention: Policy,
+    pins: Arc<Pins>,
+    last_retention: Instant,
 }
 
 /// Writes of the group not yet in RocksDB: `None` is a delete.
@@ -211,16 +230,23 @@ impl Committer {
     ) -> Result<Binlog, WriteError> {
         let mut group: Vec<WriteRequest> = Vec::with_capacity(MAX_GROUP_REQUESTS);
         loop {
-            let first = if self.fsync == FsyncPolicy::Everysec {
-                match runtime.block_on(tokio::time::timeout(Duration::from_secs(1), rx.recv())) {
+            let first = match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                // Idle: wake up every second for the everysec fsync and retention.
+                // (The timer is made inside block_on: it needs the runtime's context.)
+                Err(mpsc::error::TryRecvError::Empty) => match runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+                }) {
                     Ok(r) => r,
                     Err(_) => {
-                        self.sync_if_due()?;
+                        if self.fsync == FsyncPolicy::Everysec {
+                            self.sync_if_due()?;
+                        }
+                        self.retain_if_due();
                         continue;
                     }
-                }
-            } else {
-                rx.blocking_recv()
+                },
             };
             let Some(first) = first else { break };
             group.push(first);
@@ -241,6 +267,7 @@ impl Committer {
                 }
                 return Err(e);
             }
+            self.retain_if_due();
         }
         self.binlog
             .sync()
@@ -262,6 +289,100 @@ impl Committer {
             self.last_sync = Instant::now();
             self.progress.publish(&self.binlog, self.fsync);
         }
+        Ok(())
+    }
+
+    /// Runs retention if it has not run for [`RETENTION_INTERVAL`]. A failure is
+    /// logged and retried next time; it never stops the write path.
+    fn retain_if_due(&mut self) {
+        if self.last_retention.elapsed() < RETENTION_INTERVAL {
+            return;
+        }
+        self.last_retention = Instant::now();
+        if let Err(e) = self.retain() {
+            tracing::warn!(error = %e, "binlog retention failed; will retry");
+        }
+    }
+
+    fn retain(&mut self) -> Result<(), String> {
+        let sealed = retention::sealed_segments(self.binlog.dir())
+            .map_err(|e| format!("listing binlog segments: {e}"))?;
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        // Everything applied is in RocksDB once flushed; the committer is the
+        // only writer, so that is every event of the binlog.
+        let applied = self.state.applied_index();
+        // A first look without the lock: flush (slow) only if something is due.
+        if retention::plan(
+            self.retention,
+            &sealed,
+            self.binlog.total_bytes(),
+            applied,
+            &self.pins.lock(),
+        )
+        .is_none()
+        {
+            return Ok(());
+        }
+        self.state
+            .flush()
+            .map_err(|e| format!("rocksdb flush before purge: {e}"))?;
+        self.last_flush = Instant::now();
+        // Decide again, purge and publish the new first index under the pins'
+        // lock: a pin set meanwhile is honoured, one set after sees the new
+        // first index.
+        let pins = self.pins.lock();
+        let Some(plan) = retention::plan(
+            self.retention,
+            &sealed,
+            self.binlog.total_bytes(),
+            applied,
+            &pins,
+        ) else {
+            return Ok(());
+        };
+        if plan.over_cap && plan.passed.is_empty() {
+            tracing::info!(
+                total_bytes = self.binlog.total_bytes(),
+                max_retain_bytes = self.retention.max_retain_bytes,
+                purge_to = plan.purge_to,
+                "binlog over binlog.max_retain_bytes: purging down to it"
+            );
+        } else if plan.over_cap {
+            let slaves: Vec<&str> = plan
+                .passed
+                .iter()
+                .filter_map(|o| o.strip_prefix(SLAVE_PREFIX))
+                .collect();
+            let snapshots: Vec<&str> = plan
+                .passed
+                .iter()
+                .filter_map(|o| o.strip_prefix(SNAPSHOT_PREFIX))
+                .collect();
+            tracing::warn!(
+                total_bytes = self.binlog.total_bytes(),
+                max_retain_bytes = self.retention.max_retain_bytes,
+                purge_to = plan.purge_to,
+                ?slaves,
+                ?snapshots,
+                "binlog over binlog.max_retain_bytes: purging past pins; these slaves will need a \
+                 full sync and these snapshots expire"
+            );
+        }
+        let purged = self.binlog.purge_to(plan.purge_to);
+        // Publish even after a partial failure: the binlog may have moved.
+        self.progress.publish(&self.binlog, self.fsync);
+        drop(pins);
+        let removed =
+            purged.map_err(|e| format!("purging the binlog to {}: {e}", plan.purge_to))?;
+        tracing::debug!(
+            removed,
+            purge_to = plan.purge_to,
+            first_index = self.binlog.first_index(),
+            total_bytes = self.binlog.total_bytes(),
+            "binlog retention"
+        );
         Ok(())
     }
 

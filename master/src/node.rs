@@ -1,8 +1,9 @@
 //! A master node: data directory, start-up recovery, services, clean shutdown.
 //!
 //! Layout of `data_dir`: `db/` (RocksDB: data + applied index + repl id),
-//! `binlog/` (segments), `CLEAN_SHUTDOWN` (written last on a clean stop, with the
-//! position; removed at start). Start-up replays the binlog after the applied
+//! `binlog/` (segments), `snapshots/` (full-sync checkpoints; removed at start
+//! and on a clean stop), `CLEAN_SHUTDOWN` (written last on a clean stop, with
+//! the position; removed at start). Start-up replays the binlog after the applied
 //! index and reports the count as `Info.replayed_on_start`: 0 after a clean stop.
 
 use std::path::Path;
@@ -23,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::committer::{self, CommitterHandle, Progress, WriteError};
+use crate::pins::Pins;
+use crate::retention;
+use crate::snapshot::{self, SnapshotManager};
 use crate::sync::{ReplicationService, SyncShared};
 
 const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
@@ -47,6 +51,7 @@ struct MasterInfo {
     repl_id: ReplId,
     progress: Arc<Progress>,
     sync: Arc<SyncShared>,
+    pins: Arc<Pins>,
     replayed_on_start: u64,
     fsync: String,
 }
@@ -67,6 +72,12 @@ impl InfoSource for MasterInfo {
             binlog_bytes: p.binlog_bytes.load(Ordering::Acquire),
             version: env!("CARGO_PKG_VERSION").into(),
             slaves: self.sync.slave_infos(),
+            pins: self
+                .pins
+                .list()
+                .into_iter()
+                .map(|(owner, index)| admin::Pin { owner, index })
+                .collect(),
             counters: Some(admin::Counters {
                 full_syncs: self.sync.full_syncs.load(Ordering::Relaxed),
                 partial_syncs: self.sync.partial_syncs.load(Ordering::Relaxed),
@@ -95,6 +106,8 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     let dir = &cfg.server.data_dir;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
+    snapshot::remove_all(dir)
+        .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
     let marker = dir.join(CLEAN_MARKER);
     let clean_shutdown = marker.exists();
     if clean_shutdown {
@@ -175,12 +188,24 @@ pub async fn run(
         clean_shutdown,
     } = opened;
     let reader = binlog.reader();
+    let pins = Pins::new();
     let (handle, progress, committer) = committer::spawn(
         binlog,
         state.clone(),
         cfg.binlog.fsync,
+        retention::Policy::from_config(&cfg.binlog),
+        pins.clone(),
         tokio::runtime::Handle::current(),
     );
+    let snapshots = SnapshotManager::new(
+        &cfg.server.data_dir,
+        state.clone(),
+        repl_id,
+        pins.clone(),
+        progress.clone(),
+        Duration::from_millis(cfg.sync.snapshot_idle_ms),
+    );
+    let snapshot_gc = snapshots.spawn_gc(shutdown.clone());
     tracing::info!(
         listen = %listener.local_addr()?,
         %repl_id,
@@ -198,6 +223,8 @@ pub async fn run(
     let sync = SyncShared::new(
         repl_id,
         progress.clone(),
+        pins.clone(),
+        snapshots.clone(),
         reader,
         cfg.sync.clone(),
         shutdown.clone(),
@@ -206,6 +233,7 @@ pub async fn run(
         repl_id,
         progress: progress.clone(),
         sync: sync.clone(),
+        pins,
         replayed_on_start,
         fsync: cfg.binlog.fsync.to_string(),
     });
@@ -224,6 +252,9 @@ pub async fn run(
         shutdown.clone(),
     )
     .await;
+    // Snapshots are not kept across a stop (a restart removes them anyway).
+    let _ = snapshot_gc.await;
+    snapshots.remove_everything().await;
     // Every request handler (and so every CommitterHandle) is gone once serve
     // returns: the committer drains, fsyncs, flushes and hands the binlog back.
     let binlog = tokio::task::spawn_blocking(move || committer.join())

@@ -14,12 +14,30 @@
 //! session's id is ignored and counted (`stale_messages`); it never touches the
 //! window. A slow or dead slave only fills its own window: the committer never
 //! waits for a session.
+//!
+//! While a session is connected it **pins** the binlog at its slave's received
+//! index (owner `slave:<id>`, see [`crate::pins`]); the pin moves with the acks
+//! and goes when the session ends: a disconnected slave is not protected.
+//!
+//! A slave that cannot continue (new and empty, another history, purged, not a
+//! boundary) is told `NeedFullSync` and calls **`DbSync`**:
+//!
+//! ```text
+//! slave: DbSyncRequest{slave_id, snapshot_id?, have[]}
+//! master: DbSyncHeader{snapshot_id, repl_id, index, files[name,size,crc32c], total_bytes, ...}
+//! master: FileChunk{name, offset, data, crc32c} ... file by file, each from its `have` offset
+//! master: DbSyncDone{bytes_sent}
+//! ```
+//!
+//! The snapshot is a RocksDB checkpoint whose index is read from inside it
+//! ([`crate::snapshot`]); an empty `snapshot_id` gets a fresh (or recent,
+//! shared) one, a given one resumes it or is NOT_FOUND when it has gone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tern_common::binlog::BinlogReader;
 use tern_common::config::SyncConfig;
@@ -35,6 +53,17 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::committer::Progress;
+use crate::pins::{Pins, SLAVE_PREFIX};
+use crate::snapshot::{SnapshotError, SnapshotLease, SnapshotManager};
+
+/// Bytes of snapshot data in one `FileChunk`.
+pub const DB_SYNC_CHUNK_BYTES: usize = 1 << 20;
+/// How often a `DbSync` stream logs its progress.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(2);
+/// Most `have` entries one `DbSyncRequest` may carry.
+const MAX_HAVE: usize = 1 << 20;
+/// Longest snapshot id accepted.
+const MAX_SNAPSHOT_ID: usize = 128;
 
 /// What Info shows about one slave.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +79,8 @@ struct SlaveEntry {
 pub struct SyncShared {
     pub repl_id: ReplId,
     pub progress: Arc<Progress>,
+    pub pins: Arc<Pins>,
+    pub snapshots: Arc<SnapshotManager>,
     reader: Mutex<BinlogReader>,
     cfg: SyncConfig,
     shutdown: CancellationToken,
@@ -64,6 +95,8 @@ impl SyncShared {
     pub fn new(
         repl_id: ReplId,
         progress: Arc<Progress>,
+        pins: Arc<Pins>,
+        snapshots: Arc<SnapshotManager>,
         reader: BinlogReader,
         cfg: SyncConfig,
         shutdown: CancellationToken,
@@ -77,6 +110,8 @@ impl SyncShared {
         Arc::new(SyncShared {
             repl_id,
             progress,
+            pins,
+            snapshots,
             reader: Mutex::new(reader),
             cfg,
             shutdown,
@@ -123,19 +158,29 @@ impl SyncShared {
         f(e);
     }
 
+    /// Updates the slave's row only while `session_id` is its latest session:
+    /// an old session of a slave that reconnected never touches the live one's.
+    fn update_session(&self, slave_id: &str, session_id: u64, f: impl FnOnce(&mut SlaveEntry)) {
+        let mut slaves = self.slaves.lock().expect("slaves");
+        if let Some(e) = slaves.get_mut(slave_id)
+            && e.session_id == session_id
+        {
+            f(e);
+        }
+    }
+
     /// Decides whether the master can continue a slave from `(repl_id, index)`.
+    /// A slave without a history (empty repl id) always gets a full sync.
     fn check_position(
         &self,
         repl_id: &str,
         index: u64,
     ) -> Result<(), (pb::FullSyncReason, String)> {
         use pb::FullSyncReason as R;
-        let known = if repl_id.is_empty() {
-            index == 0
-        } else {
-            repl_id.parse::<ReplId>().ok() == Some(self.repl_id)
-        };
-        if !known {
+        if repl_id.is_empty() {
+            return Err((R::UnknownReplId, "new slave: full sync".to_string()));
+        }
+        if repl_id.parse::<ReplId>().ok() != Some(self.repl_id) {
             return Err((
                 R::UnknownReplId,
                 format!(
@@ -252,9 +297,11 @@ impl pb::replication_server::Replication for ReplicationService {
         tokio::spawn(
             async move {
                 let mut slave_id = String::new();
-                let result = run_session(&shared, inbound, &tx, &mut slave_id).await;
+                let mut session_id = 0;
+                let result =
+                    run_session(&shared, inbound, &tx, &mut slave_id, &mut session_id).await;
                 if !slave_id.is_empty() {
-                    shared.update(&slave_id, |e| e.state = "disconnected");
+                    shared.update_session(&slave_id, session_id, |e| e.state = "disconnected");
                 }
                 match result {
                     Ok(outcome) => {
@@ -275,12 +322,344 @@ impl pb::replication_server::Replication for ReplicationService {
 
     async fn db_sync(
         &self,
-        _req: Request<pb::DbSyncRequest>,
+        req: Request<pb::DbSyncRequest>,
     ) -> Result<Response<Self::DbSyncStream>, Status> {
-        Err(Status::unimplemented(
-            "full sync (DbSync) is not available in this version: the slave must be new or its position still in the binlog",
-        ))
+        let remote = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let span = tracing::info_span!(
+            parent: None,
+            "db_sync",
+            side = "master",
+            slave_id = tracing::field::Empty,
+            snapshot_id = tracing::field::Empty,
+            index = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            bytes_to_send = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            %remote,
+        );
+        tern_common::telemetry::extract_context(&span, req.metadata());
+        let req = req.into_inner();
+        let slave_id = req.slave_id.clone();
+        let shared = self.shared.clone();
+        let prepared = span.in_scope(|| prepare_db_sync(&shared, &req));
+        let (resumed, starts) = match prepared {
+            Ok(x) => x,
+            Err(status) => {
+                span.record("outcome", status.message());
+                span.in_scope(|| {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "DbSync refused")
+                });
+                return Err(status);
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let span2 = span.clone();
+        tokio::spawn(
+            async move {
+                // A new snapshot is made here, not before answering: a large
+                // checkpoint's checksums may take longer than a request deadline.
+                let result = match resumed {
+                    Some(lease) => stream_snapshot(&shared, lease, &starts, &tx).await,
+                    None => match shared.snapshots.get_or_create(&slave_id).await {
+                        Ok(lease) => stream_snapshot(&shared, lease, &starts, &tx).await,
+                        Err(e) => Err(Status::from(e)),
+                    },
+                };
+                match result {
+                    Ok(outcome) => {
+                        span2.record("outcome", tracing::field::debug(&outcome));
+                        tracing::info!(?outcome, "DbSync stream ended");
+                    }
+                    Err(status) => {
+                        span2.record("outcome", status.message());
+                        tracing::warn!(code = ?status.code(), message = status.message(), "DbSync stream failed");
+                        let _ = tx.send(Err(status)).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+impl From<SnapshotError> for Status {
+    fn from(e: SnapshotError) -> Status {
+        match e {
+            SnapshotError::Purged { .. } => Status::unavailable(e.to_string()),
+            SnapshotError::WrongReplId { .. } => Status::failed_precondition(e.to_string()),
+            SnapshotError::Io(_)
+            | SnapshotError::State(_)
+            | SnapshotError::Task(_)
+            | SnapshotError::FileChanged { .. } => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn snapshot_gone(id: &str) -> Status {
+    Status::not_found(format!("snapshot {id} is gone; start a new full sync"))
+}
+
+/// Validates a `DbSyncRequest`. A resume (`snapshot_id` set) gets its lease
+/// and, per file, the offset the slave has it up to (`None`: not listed in
+/// `have`); a new full sync gets `None` and no offsets (`have` is only
+/// meaningful with the snapshot it refers to).
+fn prepare_db_sync(
+    shared: &SyncShared,
+    req: &pb::DbSyncRequest,
+) -> Result<(Option<SnapshotLease>, Vec<Option<u64>>), Status> {
+    let span = tracing::Span::current();
+    if req.slave_id.is_empty() || req.slave_id.len() > 256 {
+        return Err(Status::invalid_argument(
+            "DbSyncRequest.slave_id must be 1 to 256 bytes",
+        ));
+    }
+    span.record("slave_id", req.slave_id.as_str());
+    if req.snapshot_id.len() > MAX_SNAPSHOT_ID {
+        return Err(Status::invalid_argument(format!(
+            "DbSyncRequest.snapshot_id is longer than {MAX_SNAPSHOT_ID} bytes"
+        )));
+    }
+    if req.have.len() > MAX_HAVE {
+        return Err(Status::invalid_argument(format!(
+            "DbSyncRequest.have lists more than {MAX_HAVE} files"
+        )));
+    }
+    if shared.shutdown.is_cancelled() {
+        return Err(Status::unavailable("the master is shutting down"));
+    }
+    if req.snapshot_id.is_empty() {
+        if let Some(h) = req.have.first() {
+            return Err(Status::invalid_argument(format!(
+                "have: {:?} without a snapshot_id; `have` resumes a given snapshot",
+                h.name
+            )));
+        }
+        return Ok((None, Vec::new()));
+    }
+    let lease = shared
+        .snapshots
+        .lease(&req.snapshot_id, &req.slave_id)
+        .ok_or_else(|| snapshot_gone(&req.snapshot_id))?;
+    let mut starts: Vec<Option<u64>> = vec![None; lease.files.len()];
+    for h in &req.have {
+        let Some(i) = lease.files.iter().position(|f| f.name == h.name) else {
+            return Err(Status::invalid_argument(format!(
+                "have: {:?} is not a file of snapshot {}",
+                h.name, lease.id
+            )));
+        };
+        if starts[i].is_some() {
+            return Err(Status::invalid_argument(format!(
+                "have: {:?} is listed twice",
+                h.name
+            )));
+        }
+        if h.offset > lease.files[i].size {
+            return Err(Status::invalid_argument(format!(
+                "have: offset {} of {:?} is beyond its size {}",
+                h.offset, h.name, lease.files[i].size
+            )));
+        }
+        starts[i] = Some(h.offset);
+    }
+    Ok((Some(lease), starts))
+}
+
+/// How a `DbSync` stream ended without an error.
+#[derive(Debug)]
+#[allow(dead_code)] // fields are read through Debug
+enum DbSyncOutcome {
+    Done { bytes_sent: u64 },
+    SlaveGone,
+    Timeout,
+    Shutdown,
+}
+
+/// Why a `DbSync` stream stopped early.
+enum Stop {
+    Ended(DbSyncOutcome),
+    Failed(Status),
+}
+
+impl From<DbSyncOutcome> for Stop {
+    fn from(o: DbSyncOutcome) -> Stop {
+        Stop::Ended(o)
+    }
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Stop {
+        Stop::Failed(s)
+    }
+}
+
+impl From<SnapshotError> for Stop {
+    fn from(e: SnapshotError) -> Stop {
+        Stop::Failed(e.into())
+    }
+}
+
+type DbSyncOutbound = mpsc::Sender<Result<pb::DbSyncChunk, Status>>;
+
+/// Sends one message, giving up when the slave is gone, stops reading for a
+/// link timeout, or the master shuts down.
+async fn send_chunk(
+    shared: &SyncShared,
+    tx: &DbSyncOutbound,
+    kind: pb::db_sync_chunk::Kind,
+) -> Result<(), Stop> {
+    let msg = Ok(pb::DbSyncChunk { kind: Some(kind) });
+    tokio::select! {
+        r = tokio::time::timeout(shared.cfg.link_timeout(), tx.send(msg)) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(DbSyncOutcome::SlaveGone.into()),
+            Err(_) => Err(DbSyncOutcome::Timeout.into()),
+        },
+        _ = shared.shutdown.cancelled() => Err(DbSyncOutcome::Shutdown.into()),
+    }
+}
+
+/// Runs blocking snapshot I/O off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, Stop> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(Status::internal(format!("snapshot read task: {e}")).into()),
+    }
+}
+
+fn mb_per_s(bytes: u64, since: Instant) -> String {
+    let secs = since.elapsed().as_secs_f64().max(1e-3);
+    format!("{:.1}", bytes as f64 / secs / (1u64 << 20) as f64)
+}
+
+/// Streams the header, each file from what the slave `have`s, and `DbSyncDone`.
+async fn stream_snapshot(
+    shared: &SyncShared,
+    mut snap: SnapshotLease,
+    have: &[Option<u64>],
+    tx: &DbSyncOutbound,
+) -> Result<DbSyncOutcome, Status> {
+    let span = tracing::Span::current();
+    span.record("snapshot_id", snap.id.as_str());
+    span.record("index", snap.index);
+    let have: Vec<Option<u64>> = if have.is_empty() {
+        vec![None; snap.files.len()]
+    } else {
+        have.to_vec()
+    };
+    let bytes_to_send: u64 = snap
+        .files
+        .iter()
+        .zip(&have)
+        .map(|(f, h)| f.size - h.unwrap_or(0))
+        .sum();
+    span.record("bytes_to_send", bytes_to_send);
+    tracing::info!(
+        index = snap.index,
+        files = snap.files.len(),
+        total_bytes = snap.total_bytes,
+        bytes_to_send,
+        "full sync: sending snapshot"
+    );
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let result = send_files(shared, &snap, &have, tx, bytes_to_send, started, &mut sent).await;
+    span.record("bytes", sent);
+    match result {
+        Ok(()) => {
+            snap.mark_completed();
+            shared.full_syncs.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                bytes_sent = sent,
+                secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+                mb_per_s = mb_per_s(sent, started),
+                "full sync: snapshot sent"
+            );
+            Ok(DbSyncOutcome::Done { bytes_sent: sent })
+        }
+        Err(Stop::Ended(o)) => Ok(o),
+        Err(Stop::Failed(s)) => Err(s),
+    }
+}
+
+async fn send_files(
+    shared: &SyncShared,
+    snap: &SnapshotLease,
+    have: &[Option<u64>],
+    tx: &DbSyncOutbound,
+    bytes_to_send: u64,
+    started: Instant,
+    sent: &mut u64,
+) -> Result<(), Stop> {
+    let header = pb::DbSyncHeader {
+        snapshot_id: snap.id.clone(),
+        repl_id: snap.repl_id.to_string(),
+        index: snap.index,
+        files: snap
+            .files
+            .iter()
+            .map(|f| pb::SnapshotFile {
+                name: f.name.clone(),
+                size: f.size,
+                crc32c: f.crc32c,
+            })
+            .collect(),
+        total_bytes: snap.total_bytes,
+        last_seq: snap.last_seq,
+        bytes_to_send,
+    };
+    send_chunk(shared, tx, pb::db_sync_chunk::Kind::Header(header)).await?;
+    let mut last_log = Instant::now();
+    for (f, &has) in snap.files.iter().zip(have) {
+        // A file the slave has whole is skipped; an empty one it does not have
+        // still gets one empty chunk, so the slave creates it.
+        if has == Some(f.size) {
+            continue;
+        }
+        let start = has.unwrap_or(0);
+        let file = {
+            let (s, f) = (snap.snapshot(), f.clone());
+            Arc::new(blocking(move || s.open(&f)).await?)
+        };
+        let mut offset = start;
+        loop {
+            if !snap.alive() {
+                return Err(snapshot_gone(&snap.id).into());
+            }
+            let len = (f.size - offset).min(DB_SYNC_CHUNK_BYTES as u64) as usize;
+            let data = {
+                let (s, f, file) = (snap.snapshot(), f.clone(), file.clone());
+                blocking(move || s.read_at(&file, &f, offset, len)).await?
+            };
+            let chunk = pb::FileChunk {
+                name: f.name.clone(),
+                offset,
+                crc32c: crc32c::crc32c(&data),
+                data: bytes::Bytes::from(data),
+            };
+            send_chunk(shared, tx, pb::db_sync_chunk::Kind::Data(chunk)).await?;
+            offset += len as u64;
+            *sent += len as u64;
+            if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+                last_log = Instant::now();
+                tracing::info!(
+                    percent = format!("{:.1}", *sent as f64 * 100.0 / bytes_to_send.max(1) as f64),
+                    mb_per_s = mb_per_s(*sent, started),
+                    sent = *sent,
+                    bytes_to_send,
+                    "full sync: sending"
+                );
+            }
+            if offset >= f.size {
+                break;
+            }
+        }
+    }
+    let done = pb::DbSyncDone { bytes_sent: *sent };
+    send_chunk(shared, tx, pb::db_sync_chunk::Kind::Done(done)).await
 }
 
 async fn recv(
@@ -303,6 +682,7 @@ async fn run_session(
     mut inbound: Streaming<pb::SlaveMessage>,
     tx: &Outbound,
     slave_id_out: &mut String,
+    session_id_out: &mut u64,
 ) -> Result<Outcome, Status> {
     use pb::slave_message::Msg;
     let span = tracing::Span::current();
@@ -326,9 +706,17 @@ async fn run_session(
     let index = try_sync.index;
     span.record("slave_id", slave_id.as_str());
     span.record("start_index", index);
+    // Pin before validating: retention publishes the new first index before it
+    // lets go of the pins, so either this pin holds the binlog or the check
+    // below sees it purged. Under a provisional owner, so a refused TrySync
+    // never takes the pin of a live session of the same slave.
+    let provisional = shared
+        .pins
+        .pin(format!("{SLAVE_PREFIX}{slave_id}/try_sync"), index);
     let first = shared.progress.first_index.load(Ordering::Acquire);
     let last = shared.progress.last_index.load(Ordering::Acquire);
     if let Err((reason, message)) = shared.check_position(&try_sync.repl_id, index) {
+        drop(provisional);
         tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
         shared.update(&slave_id, |e| {
             e.addr = try_sync.addr.clone();
@@ -349,7 +737,13 @@ async fn run_session(
             .await;
         return Ok(Outcome::NeedFullSync(reason));
     }
+    // This session's pin replaces any older session's of the same slave.
+    let pin = shared.pins.pin(format!("{SLAVE_PREFIX}{slave_id}"), index);
+    drop(provisional);
+    // Its own pin now holds the binlog: a snapshot it came from may go.
+    shared.snapshots.slave_connected(&slave_id);
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    *session_id_out = session_id;
     span.record("session_id", session_id);
     shared.update(&slave_id, |e| {
         e.addr = try_sync.addr.clone();
@@ -405,7 +799,7 @@ async fn run_session(
         }
     }
     shared.partial_syncs.fetch_add(1, Ordering::Relaxed);
-    shared.update(&slave_id, |e| e.state = "streaming");
+    shared.update_session(&slave_id, session_id, |e| e.state = "streaming");
     tracing::info!(index, "slave connected; streaming binlog");
     // 3. Stream.
     let cfg = &shared.cfg;
@@ -417,6 +811,8 @@ async fn run_session(
     let mut heartbeat = tokio::time::interval(cfg.heartbeat());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    // What this session's slave has received (its pin).
+    let mut received = index;
     let mut buf = Vec::with_capacity(cfg.batch_bytes + 4096);
     loop {
         let upto = *shippable.borrow_and_update();
@@ -480,10 +876,12 @@ async fn run_session(
                                 a.received_index, a.applied_index, a.batch_last_index
                             )));
                         }
-                        shared.update(&slave_id, |e| {
+                        shared.update_session(&slave_id, session_id, |e| {
                             e.received = a.received_index;
                             e.applied = a.applied_index;
                         });
+                        received = a.received_index;
+                        pin.update(received);
                     }
                     Ok(Some(pb::SlaveMessage { msg: Some(Msg::Heartbeat(h)) })) => {
                         if h.session_id != session_id {
@@ -496,10 +894,12 @@ async fn run_session(
                                 h.index, h.applied_index, next.saturating_sub(1)
                             )));
                         }
-                        shared.update(&slave_id, |e| {
+                        shared.update_session(&slave_id, session_id, |e| {
                             e.received = e.received.max(h.index);
                             e.applied = e.applied.max(h.applied_index);
                         });
+                        received = received.max(h.index);
+                        pin.update(received);
                     }
                     Ok(Some(pb::SlaveMessage { msg: Some(Msg::TrySync(_)) })) => {
                         return Err(Status::failed_precondition("TrySync sent twice on one stream"));

@@ -172,8 +172,18 @@ async fn receive(
         }) => h,
         _ => return Err(proto("the first DbSync message must be the header".into())),
     };
+    // The same snapshot, whatever this attempt still has to send.
+    let same = |a: &pb::DbSyncHeader, b: &pb::DbSyncHeader| {
+        pb::DbSyncHeader {
+            bytes_to_send: 0,
+            ..a.clone()
+        } == pb::DbSyncHeader {
+            bytes_to_send: 0,
+            ..b.clone()
+        }
+    };
     if let Some(prev) = &previous
-        && prev != &header
+        && !same(prev, &header)
     {
         return Err(proto(format!(
             "snapshot {} changed between attempts",
