@@ -28,6 +28,8 @@ KEYS=$((SIZE_MB * 16))   # 64 KiB values
 echo "filling the master with ~${SIZE_MB} MiB ($KEYS keys of 64 KiB)..." >&2
 "$BIN/tern-bench" fill --target "http://127.0.0.1:$MP" --keys "$KEYS" --value-size 65536 >&2
 grpcurl -plaintext "127.0.0.1:$MP" tern.admin.v1.Admin/Checksum >"$WORK/master.sum"
+# Stop the master for the copy (RocksDB compacts, and removes files, while it runs).
+kill -TERM "$MASTER"; wait "$MASTER"
 sync
 DB_BYTES=$(du -sb "$WORK/master/db" | cut -f1)
 echo "cp baseline ($((DB_BYTES >> 20)) MiB of RocksDB files)..." >&2
@@ -36,6 +38,9 @@ cp -r "$WORK/master/db" "$WORK/cp-copy"
 sync -f "$WORK/cp-copy" 2>/dev/null || sync
 T1=$(date +%s.%N)
 rm -rf "$WORK/cp-copy"
+TERN__BINLOG__FSYNC=no "$BIN/tern-master" --listen "127.0.0.1:$MP" --data-dir "$WORK/master" >>"$WORK/master.log" 2>&1 &
+MASTER=$!
+"$BIN/tern-bench" wait --target "http://127.0.0.1:$MP" >&2
 echo "full sync of an empty slave..." >&2
 T2=$(date +%s.%N)
 "$BIN/tern-slave" --listen "127.0.0.1:$SP" --data-dir "$WORK/slave" --master "http://127.0.0.1:$MP" >"$WORK/slave.log" 2>&1 &

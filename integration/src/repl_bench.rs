@@ -301,7 +301,11 @@ pub async fn fill(
             .max_decoding_message_size(usize::MAX);
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let value = Bytes::from(vec![b'a' + (t % 26) as u8; value_size]);
+            // Incompressible, so the dataset's size on disk is what was written.
+            let mut v = vec![0u8; value_size];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut v);
+            v[0] = t as u8;
+            let value = Bytes::from(v);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= keys {
