@@ -7,6 +7,7 @@
 //! - [`binlog`]: segmented, CRC-checked, group-fsynced binlog with tail recovery.
 //! - [`state`]: the RocksDB state machine: data and applied index in one WriteBatch.
 //! - [`limits`]: sizes every request is checked against.
+//! - [`marker`]: the clean-shutdown marker.
 //! - [`config`]: TOML + `TERN__SECTION__KEY` environment + flags.
 //! - [`telemetry`]: tracing subscriber and OTLP export.
 //! - [`window`]: the per-slave sync window (in-flight batches, in-order acks).
@@ -18,6 +19,7 @@ pub mod boundary;
 pub mod config;
 pub mod kv;
 pub mod limits;
+pub mod marker;
 pub mod position;
 pub mod proto;
 pub mod record;

@@ -235,22 +235,18 @@ impl State {
 
     /// Flushes every column family together and waits, making the state durable.
     pub fn flush(&self) -> Result<(), StateError> {
-        let mut fo = FlushOptions::default();
-        fo.set_wait(true);
-        let default = self
-            .inner
-            .db
-            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
-            .expect("default column family exists");
-        self.inner.db.flush_cfs_opt(&[default, self.meta()], &fo)?;
-        Ok(())
+        self.flush_all(true)
     }
 
     /// Starts a flush of every column family without waiting for it. Called
     /// periodically so that crash recovery replays a bounded part of the binlog.
     pub fn request_flush(&self) -> Result<(), StateError> {
+        self.flush_all(false)
+    }
+
+    fn flush_all(&self, wait: bool) -> Result<(), StateError> {
         let mut fo = FlushOptions::default();
-        fo.set_wait(false);
+        fo.set_wait(wait);
         let default = self
             .inner
             .db

@@ -6,7 +6,6 @@
 //! the position; removed at start). Start-up replays the binlog after the applied
 //! index and reports the count as `Info.replayed_on_start`: 0 after a clean stop.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,8 +27,6 @@ use crate::pins::Pins;
 use crate::retention;
 use crate::snapshot::{self, SnapshotManager};
 use crate::sync::{ReplicationService, SyncShared};
-
-const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
 
 struct CommitWriter(CommitterHandle);
 
@@ -108,11 +105,9 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         .with_context(|| format!("creating data directory {}", dir.display()))?;
     snapshot::remove_all(dir)
         .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
-    let marker = dir.join(CLEAN_MARKER);
-    let clean_shutdown = marker.exists();
-    if clean_shutdown {
-        std::fs::remove_file(&marker).context("removing clean-shutdown marker")?;
-    }
+    let clean_shutdown = tern_common::marker::take_clean_shutdown(dir)
+        .context("reading the clean-shutdown marker")?
+        .is_some();
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
     let (binlog, report) = Binlog::open(
@@ -262,16 +257,7 @@ pub async fn run(
         .map_err(|_| anyhow::anyhow!("committer thread panicked"))??;
     served?;
     let position = format!("{repl_id}:{}", binlog.last_index());
-    write_marker(&cfg.server.data_dir, &position)?;
+    tern_common::marker::write_clean_shutdown(&cfg.server.data_dir, &position)?;
     tracing::info!(%position, "clean shutdown");
-    Ok(())
-}
-
-fn write_marker(dir: &Path, position: &str) -> anyhow::Result<()> {
-    let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
-    std::fs::write(&tmp, format!("{position}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
-    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }

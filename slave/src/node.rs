@@ -27,8 +27,6 @@ use crate::applier::Applier;
 use crate::fullsync;
 use crate::link::{Link, LinkExit, LinkStatus};
 
-const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
-
 struct SlaveInfo {
     status: Arc<LinkStatus>,
     master: String,
@@ -149,11 +147,9 @@ struct Opened {
 fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     let dir = &cfg.server.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let marker = dir.join(CLEAN_MARKER);
-    let clean = marker.exists();
-    if clean {
-        std::fs::remove_file(&marker)?;
-    }
+    let clean = tern_common::marker::take_clean_shutdown(dir)
+        .context("reading the clean-shutdown marker")?
+        .is_some();
     let slave_id = slave_id(cfg, dir)?;
     if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
         tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
@@ -306,17 +302,8 @@ async fn run_once(
                 .unwrap_or_default(),
             state.applied_index()
         );
-        write_marker(&dir, &position)?;
+        tern_common::marker::write_clean_shutdown(&dir, &position)?;
         tracing::info!(%position, "clean shutdown");
     }
     Ok(exit)
-}
-
-fn write_marker(dir: &Path, position: &str) -> anyhow::Result<()> {
-    let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
-    std::fs::write(&tmp, format!("{position}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
