@@ -177,6 +177,8 @@ pub enum LinkExit {
     /// A full sync is downloaded and verified: the node must close RocksDB and
     /// the relay log and install it ([`crate::fullsync::apply_staged`]).
     FullSyncStaged(Staged),
+    /// The node must close and reopen its data (the applier failed).
+    Restart(String),
 }
 
 fn now_ms() -> u64 {
@@ -203,7 +205,10 @@ impl Link {
                 break;
             }
             if let Err(e) = self.barrier().await {
+                // The applier stopped (e.g. a corrupt relay record): restart the
+                // node, whose recovery discards the bad relay tail.
                 self.fail(LinkState::Error, &e);
+                exit = LinkExit::Restart(e.to_string());
                 break;
             }
             let started = Instant::now();

@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_common::binlog::{Binlog, BinlogOptions};
+use tern_common::binlog::{Binlog, BinlogError, BinlogOptions};
+use tern_common::replay::ReplayError;
 use tern_common::config::Config;
 use tern_common::kv::KvService;
 use tern_common::proto::admin::v1 as admin;
@@ -122,6 +123,13 @@ pub async fn run(
                     "restarting the node on the new snapshot"
                 );
             }
+            LinkExit::Restart(why) => {
+                tracing::warn!(%why, "restarting the node");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
         }
     }
 }
@@ -156,8 +164,18 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     }
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
-    let (mut relay, report) = Binlog::open(&dir.join("binlog"), binlog_options(cfg))
-        .with_context(|| format!("opening relay log in {}", dir.join("binlog").display()))?;
+    let relay_dir = dir.join("binlog");
+    let (mut relay, report) = match Binlog::open(&relay_dir, binlog_options(cfg)) {
+        Err(e @ (BinlogError::Corrupt { .. } | BinlogError::Structure { .. })) => {
+            // Only the master's copy matters: start the relay log over after the state.
+            tracing::error!(error = %e, "relay log cannot be recovered; discarding it");
+            std::fs::remove_dir_all(&relay_dir)?;
+            let (mut relay, report) = Binlog::open(&relay_dir, binlog_options(cfg))?;
+            relay.reset(state.applied_index() + 1, Some(state.last_seq()))?;
+            (relay, report)
+        }
+        r => r.with_context(|| format!("opening relay log in {}", relay_dir.display()))?,
+    };
     if report.truncated_bytes > 0 {
         tracing::warn!(
             bytes = report.truncated_bytes,
@@ -178,7 +196,22 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         );
         relay.reset(applied + 1, Some(state.last_seq()))?;
     }
-    let replayed_on_start = tern_common::replay::replay(&relay, &state)?;
+    let replayed_on_start = match tern_common::replay::replay(&relay, &state) {
+        Ok(n) => n,
+        Err(ReplayError::Binlog(
+            e @ (BinlogError::Corrupt { .. }
+            | BinlogError::BadRecord { .. }
+            | BinlogError::Structure { .. }),
+        )) => {
+            // The master is the source of truth: a damaged relay log after the
+            // applied index is dropped and fetched again; bad bytes are never applied.
+            let applied = state.applied_index();
+            tracing::error!(error = %e, applied, "relay log is corrupt after the applied index; discarding it from there");
+            relay.reset(applied + 1, Some(state.last_seq()))?;
+            tern_common::replay::replay(&relay, &state)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     if replayed_on_start > 0 {
         tracing::info!(
             events = replayed_on_start,
