@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogError, BinlogOptions};
-use tern_common::replay::ReplayError;
 use tern_common::config::Config;
 use tern_common::kv::KvService;
 use tern_common::proto::admin::v1 as admin;
+use tern_common::replay::ReplayError;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
 use tern_common::state::State;
 use tokio::net::TcpListener;
