@@ -183,15 +183,25 @@ impl State {
         Ok(self.inner.db.get_pinned(key)?.map(|v| v.to_vec()))
     }
 
-    /// Reads `key` and the index the read covers. The index is loaded before the
-    /// read, so the data returned is at least as new as the index reported.
-    pub fn get_at(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, u64), StateError> {
-        let index = self.applied_index();
-        Ok((self.get(key)?, index))
+    /// The applied index as of a snapshot (0 for an empty state).
+    fn index_at(&self, snap: &rocksdb::Snapshot<'_>) -> Result<u64, StateError> {
+        match snap.get_pinned_cf(self.meta(), KEY_APPLIED)? {
+            Some(v) => decode_u64("applied_index", &v),
+            None => Ok(0),
+        }
     }
 
-    /// Keys in `[start, end)` (empty `end` = unbounded), at most `limit`; returns the
-    /// items, the index covered and whether more keys remain.
+    /// Reads `key` and the applied index the read was served at, both from one
+    /// RocksDB snapshot: the value is exactly the one at that index.
+    pub fn get_at(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, u64), StateError> {
+        let snap = self.inner.db.snapshot();
+        let index = self.index_at(&snap)?;
+        Ok((snap.get_pinned(key)?.map(|v| v.to_vec()), index))
+    }
+
+    /// Keys in `[start, end)` (empty `end` = unbounded), at most `limit`, from one
+    /// snapshot; returns the items, the applied index they are exactly at and
+    /// whether more keys remain.
     #[allow(clippy::type_complexity)]
     pub fn scan(
         &self,
@@ -199,15 +209,13 @@ impl State {
         end: &[u8],
         limit: usize,
     ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, u64, bool), StateError> {
-        let index = self.applied_index();
+        let snap = self.inner.db.snapshot();
+        let index = self.index_at(&snap)?;
         let mut ro = ReadOptions::default();
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let iter = self
-            .inner
-            .db
-            .iterator_opt(IteratorMode::From(start, Direction::Forward), ro);
+        let iter = snap.iterator_opt(IteratorMode::From(start, Direction::Forward), ro);
         let mut items = Vec::new();
         for item in iter {
             let (k, v) = item?;
@@ -267,10 +275,7 @@ impl State {
     /// covers, read from one RocksDB snapshot.
     pub fn checksum(&self) -> Result<KeyspaceChecksum, StateError> {
         let snap = self.inner.db.snapshot();
-        let index = match snap.get_pinned_cf(self.meta(), KEY_APPLIED)? {
-            Some(v) => decode_u64("applied_index", &v)?,
-            None => 0,
-        };
+        let index = self.index_at(&snap)?;
         let mut hasher = Sha256::new();
         let mut keys = 0u64;
         for item in snap.iterator(IteratorMode::Start) {
