@@ -42,7 +42,7 @@ use tonic::transport::Channel;
 
 use crate::node::{Node, channel, kv_client};
 use crate::proxy::Proxy;
-use crate::workload::{AppendLog, LOAD_REQUEST_TIMEOUT, Workload};
+use crate::workload::Workload;
 
 /// Link timeout and heartbeat of every node of a run (short, so a frozen or
 /// blackholed link times out quickly).
@@ -428,7 +428,7 @@ pub async fn run_schedule(cfg: &ChaosConfig, schedule: &Schedule) -> anyhow::Res
     }
 
     let work = Workload::new(COUNTER_KEYS, APPEND_KEYS);
-    let load = PacedLoad::start(&work, &master.url(), cfg.clients, Duration::from_millis(5));
+    let load = work.start_paced_load(&master.url(), cfg.clients, Duration::from_millis(5));
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let samplers: Vec<_> = slaves
         .iter()
@@ -1123,128 +1123,6 @@ async fn check(
         }
     }
     Ok(())
-}
-
-/// A paced load: IncrBy 45%, Append 40%, two-key IncrBy Txn 15%, recorded in
-/// the workload's model; each client pauses after every acknowledged write.
-struct PacedLoad {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<crate::LoadStats>>,
-}
-
-static NEXT_CLIENT: AtomicU64 = AtomicU64::new(5_000_000);
-
-impl PacedLoad {
-    fn start(work: &Arc<Workload>, url: &str, clients: usize, pause: Duration) -> PacedLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..clients)
-            .map(|_| {
-                let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-                let kv = kv_client(channel(url, LOAD_REQUEST_TIMEOUT));
-                tokio::spawn(paced_client(work.clone(), client, kv, stop.clone(), pause))
-            })
-            .collect();
-        PacedLoad { stop, tasks }
-    }
-
-    async fn stop(self) -> crate::LoadStats {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut total = crate::LoadStats::default();
-        for t in self.tasks {
-            if let Ok(s) = t.await {
-                total.acked += s.acked;
-                total.failed += s.failed;
-                total.unexpected.extend(s.unexpected);
-            }
-        }
-        total
-    }
-}
-
-async fn paced_client(
-    work: Arc<Workload>,
-    client: u64,
-    mut kv: KvClient<Channel>,
-    stop: Arc<AtomicBool>,
-    pause: Duration,
-) -> crate::LoadStats {
-    let mut rng = StdRng::from_os_rng();
-    let mut stats = crate::LoadStats::default();
-    let mut n = 0u64;
-    let nc = work.counters.keys();
-    let na = work.appends.keys();
-    while !stop.load(Ordering::Relaxed) {
-        let roll = rng.random_range(0..100);
-        let result: Result<(), tonic::Status> = if roll < 45 {
-            let k = rng.random_range(0..nc);
-            let delta = rng.random_range(1..=1000i64);
-            let r = kv
-                .incr_by(kv::IncrByRequest {
-                    key: work.counters.key(k),
-                    delta,
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.counters.record(&[(k, delta)], r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        } else if roll < 85 {
-            let k = rng.random_range(0..na);
-            n += 1;
-            let token = AppendLog::token(client, n);
-            let r = kv
-                .append(kv::AppendRequest {
-                    key: work.appends.key(k),
-                    value: Bytes::from(token.clone()),
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.appends.record(k, &token, r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        } else {
-            let a = rng.random_range(0..nc);
-            let b = (a + rng.random_range(1..nc)) % nc;
-            let (da, db) = (rng.random_range(1..=1000i64), rng.random_range(1..=1000i64));
-            let op = |k: usize, delta: i64| kv::Op {
-                op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
-                    key: work.counters.key(k),
-                    delta,
-                })),
-            };
-            let r = kv
-                .txn(kv::TxnRequest {
-                    ops: vec![op(a, da), op(b, db)],
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.counters
-                .record(&[(a, da), (b, db)], r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        };
-        match result {
-            Ok(()) => {
-                stats.acked += 1;
-                tokio::time::sleep(pause).await;
-            }
-            Err(s) => {
-                stats.failed += 1;
-                if matches!(
-                    s.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::OutOfRange
-                        | tonic::Code::DataLoss
-                        | tonic::Code::Unimplemented
-                ) && stats.unexpected.len() < 20
-                {
-                    stats
-                        .unexpected
-                        .push(format!("{:?}: {}", s.code(), s.message()));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    stats
 }
 
 /// Totals over several runs, for TESTING.md.

@@ -421,16 +421,27 @@ impl Workload {
     /// connection, each issuing (sequentially) IncrBy (45%), Append (40%) or
     /// a Txn of IncrBy on two distinct counters (15%).
     pub fn start_load(self: &Arc<Self>, url: &str, clients: usize) -> Load {
+        self.start_paced_load(url, clients, Duration::ZERO)
+    }
+
+    /// As [`Workload::start_load`], each client pausing `pause` after every
+    /// acknowledged write. Appends log after-images, so an unpaced load on a few
+    /// append keys makes the binlog grow quadratically with time; pacing keeps
+    /// long fault tests small.
+    pub fn start_paced_load(self: &Arc<Self>, url: &str, clients: usize, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let tasks = (0..clients)
             .map(|_| {
                 let client = self.next_client.fetch_add(1, Ordering::Relaxed);
                 let kv = crate::node::kv_client(crate::node::channel(url, LOAD_REQUEST_TIMEOUT));
-                tokio::spawn(
-                    self.clone()
-                        .client_loop(client, kv, stop.clone(), acked.clone()),
-                )
+                tokio::spawn(self.clone().client_loop(
+                    client,
+                    kv,
+                    stop.clone(),
+                    acked.clone(),
+                    pause,
+                ))
             })
             .collect();
         Load { stop, acked, tasks }
@@ -442,6 +453,7 @@ impl Workload {
         mut kv: KvClient<Channel>,
         stop: Arc<AtomicBool>,
         acked: Arc<AtomicU64>,
+        pause: Duration,
     ) -> LoadStats {
         let mut rng = StdRng::from_os_rng();
         let mut stats = LoadStats::default();
@@ -499,6 +511,9 @@ impl Workload {
                 Ok(()) => {
                     stats.acked += 1;
                     acked.fetch_add(1, Ordering::Relaxed);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
                 Err(s) => {
                     stats.record_err(&s);

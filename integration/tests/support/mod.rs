@@ -694,47 +694,16 @@ pub fn log_count(node: &Node, needle: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Client ids of [`PacedLoad`] clients start here, far from the ids
-/// [`Workload::start_load`] hands out, so append tokens stay unique.
-static NEXT_PACED_CLIENT: AtomicU64 = AtomicU64::new(1_000_000);
-
-/// The same mix as [`Workload::start_load`] (IncrBy 45%, Append 40%, two-key
-/// IncrBy Txn 15%, recorded in the workload's model), but each client pauses
-/// `pause` after every acknowledged write. Appends log after-images, so an
-/// unpaced load on a few append keys makes the binlog grow quadratically with
-/// time; pacing keeps long fault tests small.
-pub struct PacedLoad {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<tern_integration::LoadStats>>,
-}
+/// A paced [`Workload`] load ([`Workload::start_paced_load`]) for the fault tests.
+pub struct PacedLoad(tern_integration::Load);
 
 impl PacedLoad {
     pub fn start(work: &Arc<Workload>, url: &str, clients: usize, pause: Duration) -> PacedLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let tasks = (0..clients)
-            .map(|_| {
-                let client = NEXT_PACED_CLIENT.fetch_add(1, Ordering::Relaxed);
-                let kv = tern_integration::node::kv_client(tern_integration::node::channel(
-                    url,
-                    LOAD_REQUEST_TIMEOUT,
-                ));
-                tokio::spawn(paced_client(
-                    work.clone(),
-                    client,
-                    kv,
-                    stop.clone(),
-                    acked.clone(),
-                    pause,
-                ))
-            })
-            .collect();
-        PacedLoad { stop, acked, tasks }
+        PacedLoad(work.start_paced_load(url, clients, pause))
     }
 
     pub fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.0.acked()
     }
 
     /// Waits (bounded) until `n` more writes than now are acknowledged.
@@ -752,101 +721,8 @@ impl PacedLoad {
     }
 
     pub async fn stop(self) -> tern_integration::LoadStats {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut total = tern_integration::LoadStats::default();
-        for t in self.tasks {
-            let s = t.await.expect("paced load client panicked");
-            total.acked += s.acked;
-            total.failed += s.failed;
-            for (k, v) in s.errors {
-                *total.errors.entry(k).or_default() += v;
-            }
-            total.unexpected.extend(s.unexpected);
-        }
-        total
+        self.0.stop().await
     }
-}
-
-async fn paced_client(
-    work: Arc<Workload>,
-    client: u64,
-    mut kv: KvClient<Channel>,
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    pause: Duration,
-) -> tern_integration::LoadStats {
-    use tern_integration::AppendLog;
-    let mut rng = StdRng::from_os_rng();
-    let mut stats = tern_integration::LoadStats::default();
-    let mut n = 0u64;
-    let nc = work.counters.keys();
-    let na = work.appends.keys();
-    while !stop.load(Ordering::Relaxed) {
-        let roll = rng.random_range(0..100);
-        let result: Result<(), tonic::Status> = if roll < 45 || (na == 0 && roll < 85) {
-            let k = rng.random_range(0..nc);
-            let delta = rng.random_range(1..=1000i64);
-            let r = kv
-                .incr_by(kv::IncrByRequest {
-                    key: work.counters.key(k),
-                    delta,
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.counters.record(&[(k, delta)], r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        } else if roll < 85 {
-            let k = rng.random_range(0..na);
-            n += 1;
-            let token = AppendLog::token(client, n);
-            let r = kv
-                .append(kv::AppendRequest {
-                    key: work.appends.key(k),
-                    value: Bytes::from(token.clone()),
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.appends.record(k, &token, r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        } else {
-            let a = rng.random_range(0..nc);
-            let b = (a + rng.random_range(1..nc.max(2))) % nc;
-            let (da, db) = (rng.random_range(1..=1000i64), rng.random_range(1..=1000i64));
-            let op = |k: usize, delta: i64| kv::Op {
-                op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
-                    key: work.counters.key(k),
-                    delta,
-                })),
-            };
-            let r = kv
-                .txn(kv::TxnRequest {
-                    ops: vec![op(a, da), op(b, db)],
-                })
-                .await
-                .map(|r| r.into_inner().index);
-            work.counters
-                .record(&[(a, da), (b, db)], r.as_ref().map(|i| *i));
-            r.map(|_| ())
-        };
-        match result {
-            Ok(()) => {
-                stats.acked += 1;
-                acked.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(pause).await;
-            }
-            Err(s) => {
-                stats.failed += 1;
-                *stats.errors.entry(format!("{:?}", s.code())).or_default() += 1;
-                if unexpected_code(s.code()) && stats.unexpected.len() < 20 {
-                    stats
-                        .unexpected
-                        .push(format!("{:?}: {}", s.code(), s.message()));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    stats
 }
 
 /// How [`damage_binlog_tail`] damages the last record of a binlog.
