@@ -642,22 +642,6 @@ fn note_regression(report: &mut RunReport, slave: usize, kind: &str, before: u64
     }
 }
 
-/// The relay segments of a data directory, by first index.
-fn segments(data_dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
-    let dir = data_dir.join("binlog");
-    let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name().into_string().ok()?;
-            let first: u64 = name.strip_suffix(".binlog")?.parse().ok()?;
-            Some((first, e.path()))
-        })
-        .collect();
-    segs.sort();
-    Ok(segs)
-}
-
 /// (offset, length, index) of every valid record of a segment file.
 fn record_spans(bytes: &[u8]) -> Vec<(usize, usize, u64)> {
     let mut it = Records::new(bytes);
@@ -676,7 +660,7 @@ fn record_spans(bytes: &[u8]) -> Vec<(usize, usize, u64)> {
 /// log; returns its index.
 fn damage_tail(data_dir: &Path, bad_crc: bool) -> anyhow::Result<Option<u64>> {
     use std::os::unix::fs::FileExt;
-    for (_, path) in segments(data_dir)?.iter().rev() {
+    for (_, path) in crate::binlog_segments(data_dir)?.iter().rev() {
         let bytes = std::fs::read(path)?;
         let Some(&(start, len, index)) = record_spans(&bytes).last() else {
             continue;
@@ -703,7 +687,7 @@ pub fn corrupt_middle_record(
     oldest: bool,
 ) -> anyhow::Result<Option<(PathBuf, u64)>> {
     use std::os::unix::fs::FileExt;
-    let segs = segments(data_dir)?;
+    let segs = crate::binlog_segments(data_dir)?;
     if segs.len() < 2 {
         return Ok(None);
     }
@@ -886,7 +870,7 @@ type History = Vec<(u64, i128)>;
 fn counter_history(data_dir: &Path) -> anyhow::Result<(u64, Vec<History>)> {
     let mut hist = vec![Vec::new(); COUNTER_KEYS];
     let mut first = None;
-    for (_, path) in segments(data_dir)? {
+    for (_, path) in crate::binlog_segments(data_dir)? {
         let bytes = std::fs::read(&path)?;
         for r in Records::new(&bytes) {
             let Ok((ev, _)) = r else { break };
@@ -913,7 +897,7 @@ fn counter_history(data_dir: &Path) -> anyhow::Result<(u64, Vec<History>)> {
 fn records_in(data_dir: &Path, from: u64, upto: u64) -> anyhow::Result<(u64, Vec<u8>)> {
     let mut out = Vec::new();
     let mut first = None;
-    for (_, path) in segments(data_dir)? {
+    for (_, path) in crate::binlog_segments(data_dir)? {
         let bytes = std::fs::read(&path)?;
         for r in Records::new(&bytes) {
             let Ok((ev, raw)) = r else { break };

@@ -77,3 +77,21 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// The binlog (or relay log) segment files of a node's data directory
+/// (`<data_dir>/binlog/{first_index:020}.binlog`), sorted by first index.
+pub fn binlog_segments(data_dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    use anyhow::Context;
+    let dir = data_dir.join("binlog");
+    let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            let first: u64 = name.strip_suffix(".binlog")?.parse().ok()?;
+            Some((first, e.path()))
+        })
+        .collect();
+    segs.sort();
+    Ok(segs)
+}

@@ -381,19 +381,7 @@ impl LoadStats {
     fn record_err(&mut self, s: &tonic::Status) {
         self.failed += 1;
         *self.errors.entry(format!("{:?}", s.code())).or_default() += 1;
-        if matches!(
-            s.code(),
-            Code::InvalidArgument
-                | Code::FailedPrecondition
-                | Code::OutOfRange
-                | Code::NotFound
-                | Code::AlreadyExists
-                | Code::PermissionDenied
-                | Code::Unauthenticated
-                | Code::Unimplemented
-                | Code::DataLoss
-        ) && self.unexpected.len() < MAX_REPORTED
-        {
+        if unexpected_code(s.code()) && self.unexpected.len() < MAX_REPORTED {
             self.unexpected
                 .push(format!("{:?}: {}", s.code(), s.message()));
         }
@@ -577,6 +565,23 @@ impl Load {
         }
         total
     }
+}
+
+/// Codes a correct server never returns to these workloads, whatever faults
+/// are injected (a crash or a link fault gives UNAVAILABLE, CANCELLED, ...).
+pub fn unexpected_code(c: Code) -> bool {
+    matches!(
+        c,
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+            | Code::DataLoss
+    )
 }
 
 #[cfg(test)]

@@ -12,14 +12,8 @@ use tern_integration::{Node, TestDir, Workload};
 
 /// (segment path, byte offset, index) of every record in the relay log.
 fn relay_records(data_dir: &std::path::Path) -> Vec<(std::path::PathBuf, usize, u64)> {
-    let mut segs: Vec<std::path::PathBuf> = std::fs::read_dir(data_dir.join("binlog"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "binlog"))
-        .collect();
-    segs.sort();
     let mut out = Vec::new();
-    for seg in segs {
+    for (_, seg) in tern_integration::binlog_segments(data_dir).unwrap() {
         let bytes = std::fs::read(&seg).unwrap();
         let mut off = 0;
         for r in tern_common::record::Records::new(&bytes) {

@@ -189,17 +189,7 @@ pub async fn assert_replicas_equal(master: &Node, slaves: &[&Node], work: &Workl
 /// The valid records of `<data_dir>/binlog` with index in `[from, upto]`,
 /// concatenated as on disk, and the index of the first record of the log.
 pub fn binlog_records(data_dir: &std::path::Path, from: u64, upto: u64) -> (u64, Vec<u8>) {
-    let dir = data_dir.join("binlog");
-    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name().into_string().ok()?;
-            let first: u64 = name.strip_suffix(".binlog")?.parse().ok()?;
-            Some((first, e.path()))
-        })
-        .collect();
-    segs.sort();
+    let segs = tern_integration::binlog_segments(data_dir).unwrap_or_else(|e| panic!("{e:#}"));
     let mut out = Vec::new();
     let mut first = None;
     let mut next = None;
@@ -450,22 +440,7 @@ impl BigTxnLoad {
     }
 }
 
-/// Codes a correct server never returns to these workloads (the same list
-/// as the harness's `LoadStats::unexpected`).
-pub fn unexpected_code(c: Code) -> bool {
-    matches!(
-        c,
-        Code::InvalidArgument
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::Unimplemented
-            | Code::DataLoss
-    )
-}
+pub use tern_integration::workload::unexpected_code;
 
 /// Waits until the load has `n` more acknowledged writes than now.
 pub async fn wait_more_acked(load: &tern_integration::Load, n: u64) {
@@ -624,17 +599,7 @@ pub fn assert_status(what: &str, s: &tonic::Status, code: Code, word: &str) {
 /// records): `(index, kind)`, or None when it holds no event. Meant for a
 /// stopped or killed process.
 pub fn binlog_tail(data_dir: &std::path::Path) -> Option<(u64, tern_common::record::KindTag)> {
-    let dir = data_dir.join("binlog");
-    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name().into_string().ok()?;
-            let first: u64 = name.strip_suffix(".binlog")?.parse().ok()?;
-            Some((first, e.path()))
-        })
-        .collect();
-    segs.sort();
+    let segs = tern_integration::binlog_segments(data_dir).unwrap_or_else(|e| panic!("{e:#}"));
     for (_, path) in segs.iter().rev() {
         let bytes =
             std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -740,17 +705,7 @@ pub fn damage_binlog_tail(
     data_dir: &std::path::Path,
     how: TailDamage,
 ) -> (u64, tern_common::record::KindTag) {
-    let dir = data_dir.join("binlog");
-    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name().into_string().ok()?;
-            let first: u64 = name.strip_suffix(".binlog")?.parse().ok()?;
-            Some((first, e.path()))
-        })
-        .collect();
-    segs.sort();
+    let segs = tern_integration::binlog_segments(data_dir).unwrap_or_else(|e| panic!("{e:#}"));
     for (_, path) in segs.iter().rev() {
         let bytes =
             std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -781,5 +736,5 @@ pub fn damage_binlog_tail(
         f.sync_all().unwrap();
         return (index, kind);
     }
-    panic!("no record to damage in {}", dir.display());
+    panic!("no record to damage in {}/binlog", data_dir.display());
 }
