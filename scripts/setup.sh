@@ -6,10 +6,24 @@
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
+# bindgen (through clang-sys) loads libclang itself: a file named libclang.so,
+# libclang-N.so, libclang.so.N or libclang-N.so.N in LIBCLANG_PATH, an LLVM lib
+# directory or the system library directories. libclang-cpp.so.N (shipped on a
+# fresh image) is a different library and does not count.
+have_libclang() {
+  local dirs=("${LIBCLANG_PATH:-}" /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib)
+  local d f
+  for d in "${dirs[@]}"; do
+    [ -n "$d" ] && [ -d "$d" ] || continue
+    for f in "$d"/libclang.so "$d"/libclang-[0-9]*.so "$d"/libclang.so.[0-9]* "$d"/libclang-[0-9]*.so.[0-9]*; do
+      [ -e "$f" ] && return 0
+    done
+  done
+  return 1
+}
+
 need_apt=()
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
-  need_apt+=(libclang-dev)
-fi
+have_libclang || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 if ((${#need_apt[@]})); then
