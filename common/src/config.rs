@@ -44,6 +44,19 @@ pub struct ServerConfig {
     /// Requests served at once on the whole node; more wait their turn.
     #[serde(default = "default_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Open client connections at most; further clients wait in the listen
+    /// backlog until one closes. Never more than the open-file limit leaves
+    /// room for (see [`crate::server::connection_budget`]).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection without any request or stream for this long is closed,
+    /// in milliseconds (0 = never).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long requests and streams may still run before
+    /// every connection is closed regardless, in milliseconds.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -52,6 +65,29 @@ fn default_request_timeout_ms() -> u64 {
 
 fn default_max_concurrent_requests() -> usize {
     4096
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    300_000
+}
+
+fn default_shutdown_timeout_ms() -> u64 {
+    10_000
+}
+
+impl ServerConfig {
+    /// `None` when idle connections are kept forever.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -276,6 +312,9 @@ impl Config {
                 "server.max_concurrent_requests and server.request_timeout_ms must be > 0".into(),
             );
         }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -307,6 +346,9 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:7400");
         assert_eq!(c.binlog.fsync, FsyncPolicy::Always);
         assert_eq!(c.sync.link_timeout_ms, 20_000);
+        assert_eq!(c.server.max_connections, 4096);
+        assert_eq!(c.server.idle_timeout(), Some(Duration::from_secs(300)));
+        assert_eq!(c.server.shutdown_timeout(), Duration::from_secs(10));
         let c = Config::load_from_env(Role::Slave, &CommonArgs::default(), &[], env(&[])).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:7401");
         assert_eq!(c.slave.master, "http://127.0.0.1:7400");
@@ -362,6 +404,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("sometimes"), "{e}");
+        let e = Config::load_from_env(
+            Role::Master,
+            &CommonArgs::default(),
+            &[],
+            env(&[("TERN__SERVER__MAX_CONNECTIONS", "0")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("server.max_connections"), "{e}");
         let args = CommonArgs {
             listen: Some("localhost".into()),
             ..Default::default()

@@ -2,19 +2,43 @@
 //! v1alpha, so `grpcurl list` works without proto files) and the standard health
 //! service, behind tower middleware (a node-wide concurrency limit and a request
 //! timeout). Also the `tern.admin.v1.Admin` service, whose `Info` each role fills in.
+//!
+//! Resources ([`connections`], [`fd_limit`]): at most `server.max_connections`
+//! connections (lowered to what the open-file limit leaves room for), idle ones
+//! closed after `server.idle_timeout_ms`, HTTP/2 and TCP keepalives, accept
+//! errors backed off. Shutdown is bounded: on the shutdown token the server
+//! stops accepting and shuts every connection down gracefully (streams observe
+//! the same token and end); after `server.shutdown_timeout_ms` every connection
+//! still open is cut, whatever its clients do, and [`serve`] returns.
+
+pub mod connections;
+pub mod fd_limit;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use crate::config::ServerConfig;
 use crate::proto::admin::v1 as pb;
 use crate::state::State;
+
+pub use connections::ConnectionStats;
+pub use fd_limit::{ConnectionBudget, connection_budget, fd_limit, raise_fd_limit};
+
+/// HTTP/2 PING on a connection silent this long; no answer within
+/// [`HTTP2_KEEPALIVE_TIMEOUT`] closes it (a peer that vanished without a FIN).
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive probes start after this much silence.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// After the hard stop cut every connection, how long [`serve`] still waits
+/// for their tasks to notice before it returns anyway.
+const HARD_STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// Fills in `Admin.Info` for a node.
 pub trait InfoSource: Send + Sync + 'static {
@@ -24,11 +48,22 @@ pub trait InfoSource: Send + Sync + 'static {
 pub struct AdminService {
     state: State,
     info: Arc<dyn InfoSource>,
+    connections: Option<Arc<ConnectionStats>>,
 }
 
 impl AdminService {
     pub fn new(state: State, info: Arc<dyn InfoSource>) -> AdminService {
-        AdminService { state, info }
+        AdminService {
+            state,
+            info,
+            connections: None,
+        }
+    }
+
+    /// `Info.connections` is read from `stats` (those of the server it runs in).
+    pub fn with_connections(mut self, stats: Arc<ConnectionStats>) -> AdminService {
+        self.connections = Some(stats);
+        self
     }
 
     pub fn into_server(self) -> pb::admin_server::AdminServer<AdminService> {
@@ -42,7 +77,11 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        Ok(Response::new(self.info.info()))
+        let mut info = self.info.info();
+        if let Some(c) = &self.connections {
+            info.connections = u32::try_from(c.open()).unwrap_or(u32::MAX);
+        }
+        Ok(Response::new(info))
     }
 
     async fn checksum(
@@ -65,10 +104,89 @@ impl pb::admin_server::Admin for AdminService {
 pub struct ServeOptions {
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// `server.max_connections`; [`serve`] lowers it to the [`connection_budget`].
+    pub max_connections: usize,
+    /// `None`: idle connections stay open.
+    pub idle_timeout: Option<Duration>,
+    /// How long after the shutdown token connections may still run.
+    pub shutdown_timeout: Duration,
+    /// The server's connection counters (share them with [`AdminService::with_connections`]).
+    pub connections: Arc<ConnectionStats>,
+    /// When set, health of service "" and [`KV_SERVICE`] follows it (`false`:
+    /// NOT_SERVING, e.g. a master whose write path cannot write).
+    pub serving: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl ServeOptions {
+    pub fn from_config(c: &ServerConfig) -> ServeOptions {
+        ServeOptions {
+            request_timeout: Duration::from_millis(c.request_timeout_ms),
+            max_concurrent_requests: c.max_concurrent_requests,
+            max_connections: c.max_connections,
+            idle_timeout: c.idle_timeout(),
+            shutdown_timeout: c.shutdown_timeout(),
+            connections: Arc::new(ConnectionStats::default()),
+            serving: None,
+        }
+    }
+}
+
+/// Pending connections the kernel queues on the listen socket (capped by
+/// `net.core.somaxconn`): clients beyond `server.max_connections` wait here.
+/// The standard library's 128 would make a burst of clients retry their SYNs.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the gRPC port (with `SO_REUSEADDR`, as the standard library does)
+/// with a [`LISTEN_BACKLOG`] queue.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The connection budget under the current open-file limit, logged.
+fn budget(configured: usize) -> ConnectionBudget {
+    match fd_limit() {
+        Ok(limit) => {
+            let b = connection_budget(limit, configured);
+            if b.max_connections < configured {
+                tracing::warn!(
+                    fd_limit = b.fd_limit,
+                    reserved_fds = b.reserved,
+                    max_connections = b.max_connections,
+                    configured,
+                    "server.max_connections lowered to what the open-file limit leaves room for"
+                );
+            } else {
+                tracing::info!(
+                    fd_limit = b.fd_limit,
+                    reserved_fds = b.reserved,
+                    max_connections = b.max_connections,
+                    "connection limit"
+                );
+            }
+            b
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, configured, "cannot read the open-file limit; using server.max_connections as is");
+            ConnectionBudget {
+                fd_limit: 0,
+                reserved: 0,
+                max_connections: configured,
+            }
+        }
+    }
 }
 
 /// Serves `routes` (plus reflection and health) on `listener` until `shutdown`
-/// is cancelled, then waits for in-flight requests to finish.
+/// is cancelled; then stops accepting, lets requests and streams finish for at
+/// most `opts.shutdown_timeout`, cuts whatever connection is still open, and
+/// returns.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -87,28 +205,50 @@ pub async fn serve(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    if let Some(serving) = opts.serving.clone() {
+        tokio::spawn(report_serving(
+            health_reporter.clone(),
+            serving,
+            shutdown.clone(),
+        ));
+    }
     let routes = routes
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health);
     let layer = tower::ServiceBuilder::new()
+        .layer(connections::TrackStreamsLayer {
+            shutdown: shutdown.clone(),
+        })
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             opts.max_concurrent_requests,
         ))
         .into_inner();
+    let stats = opts.connections.clone();
+    // Cancelled `shutdown_timeout` after `shutdown`: every connection's I/O fails.
+    let hard_stop = CancellationToken::new();
+    let (incoming, acceptor) = connections::spawn_acceptor(
+        TcpIncoming::from(listener),
+        connections::AcceptOptions {
+            max_connections: budget(opts.max_connections).max_connections,
+            idle_timeout: opts.idle_timeout,
+            tcp_keepalive: TCP_KEEPALIVE,
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+            stop: hard_stop.clone(),
+        },
+    );
+    let watchdog = tokio::spawn(stop_after_timeout(
+        shutdown.clone(),
+        opts.shutdown_timeout,
+        hard_stop.clone(),
+        stats.clone(),
+    ));
     let shutdown_health = shutdown.clone();
-    // Accepted sockets are ours, not tonic's: without TCP_NODELAY a response
-    // written in two segments waits for the peer's delayed ACK (~40 ms).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-        })
-    });
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .timeout(opts.request_timeout)
-        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(layer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -116,7 +256,209 @@ pub async fn serve(
             health_reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
+        });
+    let result = tokio::select! {
+        r = server => r.map_err(anyhow::Error::from),
+        _ = async {
+            hard_stop.cancelled().await;
+            tokio::time::sleep(HARD_STOP_MARGIN).await;
+        } => {
+            tracing::warn!(open = stats.open(), "connections still open after the hard stop; not waiting for them");
+            Ok(())
+        }
+    };
+    watchdog.abort();
+    acceptor.abort();
+    let _ = acceptor.await;
+    tracing::info!(
+        accepted = stats.accepted(),
+        limited = stats.limited(),
+        idle_closed = stats.idle_closed(),
+        aborted = stats.aborted(),
+        accept_errors = stats.accept_errors(),
+        "server stopped"
+    );
+    result
+}
+
+/// Waits for `shutdown`, then `timeout`, then cancels `hard_stop`.
+async fn stop_after_timeout(
+    shutdown: CancellationToken,
+    timeout: Duration,
+    hard_stop: CancellationToken,
+    stats: Arc<ConnectionStats>,
+) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(timeout).await;
+    tracing::warn!(
+        open = stats.open(),
+        timeout_ms = timeout.as_millis() as u64,
+        "shutdown: connections still open after server.shutdown_timeout_ms; closing them"
+    );
+    hard_stop.cancel();
+}
+
+/// The gRPC name of the Kv service, as health checks name it.
+pub const KV_SERVICE: &str = "tern.kv.v1.Kv";
+
+/// Keeps the health of "" and [`KV_SERVICE`] equal to `serving` until shutdown,
+/// then reports [`KV_SERVICE`] NOT_SERVING ("" is the shutdown's own).
+async fn report_serving(
+    reporter: tonic_health::server::HealthReporter,
+    mut serving: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        let status = if *serving.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        for service in ["", KV_SERVICE] {
+            reporter.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            changed = serving.changed() => if changed.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    reporter
+        .set_service_status(KV_SERVICE, ServingStatus::NotServing)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Polls `f` until it holds; panics after a generous bound.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..3000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// Three idle clients, two slots: two are accepted, the third waits in
+    /// the backlog; idle ones are closed (end-of-file), which lets the third
+    /// in, and it is closed in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connection_limit_and_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ConnectionStats::default());
+        let opts = ServeOptions {
+            request_timeout: Duration::from_secs(5),
+            max_concurrent_requests: 16,
+            max_connections: 2,
+            idle_timeout: Some(Duration::from_millis(300)),
+            shutdown_timeout: Duration::from_secs(5),
+            connections: stats.clone(),
+            serving: None,
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            tonic::service::Routes::builder().routes(),
+            opts,
+            shutdown.clone(),
+        ));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        eventually("two connections accepted", || stats.accepted() >= 2).await;
+        eventually("the accept loop waiting for a slot", || {
+            stats.limited() >= 1
         })
-        .await?;
-    Ok(())
+        .await;
+        let mut max_open = 0;
+        for c in &mut clients {
+            // The server's SETTINGS, then end-of-file once it closed the idle connection.
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut buf));
+            read.await.expect("closed by the server").unwrap();
+            max_open = max_open.max(stats.open());
+        }
+        assert!(max_open <= 2, "{max_open} connections open with 2 slots");
+        eventually("every connection closed", || stats.open() == 0).await;
+        assert_eq!(stats.accepted(), 3);
+        assert_eq!(stats.idle_closed(), 3);
+        assert_eq!(stats.aborted(), 0);
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    fn test_options(stats: &Arc<ConnectionStats>, shutdown_timeout: Duration) -> ServeOptions {
+        ServeOptions {
+            request_timeout: Duration::from_secs(5),
+            max_concurrent_requests: 16,
+            max_connections: 16,
+            idle_timeout: None,
+            shutdown_timeout,
+            connections: stats.clone(),
+            serving: None,
+        }
+    }
+
+    /// A health `Watch` stream (it never ends by itself) ends with UNAVAILABLE
+    /// on shutdown, so the server stops without cutting any connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_ends_waiting_streams_without_the_hard_stop() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ConnectionStats::default());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            tonic::service::Routes::builder().routes(),
+            test_options(&stats, Duration::from_secs(600)),
+            shutdown.clone(),
+        ));
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut watch = HealthClient::new(ch)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving);
+        shutdown.cancel();
+        let end = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(m)) => assert_eq!(m.status(), ServingStatus::NotServing),
+                    Ok(None) => panic!("the Watch stream ended without a status"),
+                    Err(s) => return s,
+                }
+            }
+        })
+        .await
+        .expect("the Watch stream ends on shutdown");
+        assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("serve returns once its streams ended")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.aborted(), 0);
+        assert_eq!(stats.accepted(), 1);
+    }
 }

@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -86,6 +87,8 @@ pub struct Node {
     bin: PathBuf,
     args: Vec<OsString>,
     envs: Vec<(String, String)>,
+    /// The child's RLIMIT_NOFILE (soft and hard), when set.
+    nofile: Option<u64>,
     child: Option<Child>,
     starts: u32,
 }
@@ -100,6 +103,18 @@ impl Node {
         data_dir: &Path,
         args: &[&str],
         envs: &[(&str, &str)],
+    ) -> anyhow::Result<Node> {
+        Node::start_with_nofile(bin_name, data_dir, args, envs, None)
+    }
+
+    /// As [`Node::start`], with the process's open-file limit (soft and hard
+    /// `RLIMIT_NOFILE`, kept across restarts) set to `nofile` when given.
+    pub fn start_with_nofile(
+        bin_name: &str,
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        nofile: Option<u64>,
     ) -> anyhow::Result<Node> {
         let bin = bin_path(bin_name)?;
         let port = crate::pick_port();
@@ -123,6 +138,7 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            nofile,
             child: None,
             starts: 0,
         };
@@ -159,9 +175,21 @@ impl Node {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Node> {
+        Node::start_ready_with_nofile(bin_name, data_dir, args, envs, None).await
+    }
+
+    /// As [`Node::start_ready`], with the open-file limit of
+    /// [`Node::start_with_nofile`].
+    pub async fn start_ready_with_nofile(
+        bin_name: &str,
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Node> {
         let mut attempt = 0;
         loop {
-            let mut node = Node::start(bin_name, data_dir, args, envs)?;
+            let mut node = Node::start_with_nofile(bin_name, data_dir, args, envs, nofile)?;
             match node.wait_ready().await {
                 Ok(_) => return Ok(node),
                 Err(e) => {
@@ -206,6 +234,22 @@ impl Node {
         cmd.env("RUST_BACKTRACE", "1");
         for (k, v) in &self.envs {
             cmd.env(k, v);
+        }
+        if let Some(n) = self.nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: runs in the forked child before exec; setrlimit(2) is
+            // async-signal-safe and only reads `lim`, a plain copied value.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .spawn()

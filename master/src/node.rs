@@ -232,26 +232,22 @@ pub async fn run(
         replayed_on_start,
         fsync: cfg.binlog.fsync.to_string(),
     });
-    let admin = AdminService::new(state.clone(), info);
+    let serve_opts = ServeOptions::from_config(&cfg.server);
+    let admin =
+        AdminService::new(state.clone(), info).with_connections(serve_opts.connections.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(kv.into_server());
     routes.add_service(admin.into_server());
     routes.add_service(ReplicationService::new(sync).into_server());
-    let served = tern_common::server::serve(
-        listener,
-        routes.routes(),
-        ServeOptions {
-            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms),
-            max_concurrent_requests: cfg.server.max_concurrent_requests,
-        },
-        shutdown.clone(),
-    )
-    .await;
+    let served =
+        tern_common::server::serve(listener, routes.routes(), serve_opts, shutdown.clone()).await;
     // Snapshots are not kept across a stop (a restart removes them anyway).
     let _ = snapshot_gc.await;
     snapshots.remove_everything().await;
-    // Every request handler (and so every CommitterHandle) is gone once serve
-    // returns: the committer drains, fsyncs, flushes and hands the binlog back.
+    // serve returns at most server.shutdown_timeout_ms after the signal, with
+    // every connection closed (cut if need be) and so every request handler and
+    // CommitterHandle gone: the committer drains, fsyncs, flushes and hands the
+    // binlog back.
     let binlog = tokio::task::spawn_blocking(move || committer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("committer thread panicked"))??;

@@ -311,7 +311,7 @@ impl pb::replication_server::Replication for ReplicationService {
                     Err(status) => {
                         span2.record("outcome", status.message());
                         tracing::warn!(code = ?status.code(), message = status.message(), "sync session failed");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = send_bounded(&shared, &tx, Err(status)).await;
                     }
                 }
             }
@@ -373,7 +373,7 @@ impl pb::replication_server::Replication for ReplicationService {
                     Err(status) => {
                         span2.record("outcome", status.message());
                         tracing::warn!(code = ?status.code(), message = status.message(), "DbSync stream failed");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = send_bounded(&shared, &tx, Err(status)).await;
                     }
                 }
             }
@@ -502,22 +502,49 @@ impl From<SnapshotError> for Stop {
 
 type DbSyncOutbound = mpsc::Sender<Result<pb::DbSyncChunk, Status>>;
 
-/// Sends one message, giving up when the slave is gone, stops reading for a
-/// link timeout, or the master shuts down.
+/// Why [`send_bounded`] did not send.
+enum Unsent {
+    /// The stream's client is gone.
+    Closed,
+    /// It has not read for a link timeout.
+    Timeout,
+    /// The master shuts down.
+    Shutdown,
+}
+
+/// Queues one message of a response stream, giving up when the client is
+/// gone, stops reading for a link timeout, or the master shuts down: a
+/// stream task never waits on its client for longer than that.
+async fn send_bounded<T>(
+    shared: &SyncShared,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    msg: Result<T, Status>,
+) -> Result<(), Unsent> {
+    tokio::select! {
+        r = tokio::time::timeout(shared.cfg.link_timeout(), tx.send(msg)) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Unsent::Closed),
+            Err(_) => Err(Unsent::Timeout),
+        },
+        _ = shared.shutdown.cancelled() => Err(Unsent::Shutdown),
+    }
+}
+
+/// Sends one message of a `DbSync` stream (see [`send_bounded`]).
 async fn send_chunk(
     shared: &SyncShared,
     tx: &DbSyncOutbound,
     kind: pb::db_sync_chunk::Kind,
 ) -> Result<(), Stop> {
     let msg = Ok(pb::DbSyncChunk { kind: Some(kind) });
-    tokio::select! {
-        r = tokio::time::timeout(shared.cfg.link_timeout(), tx.send(msg)) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(DbSyncOutcome::SlaveGone.into()),
-            Err(_) => Err(DbSyncOutcome::Timeout.into()),
-        },
-        _ = shared.shutdown.cancelled() => Err(DbSyncOutcome::Shutdown.into()),
-    }
+    send_bounded(shared, tx, msg).await.map_err(|e| {
+        match e {
+            Unsent::Closed => DbSyncOutcome::SlaveGone,
+            Unsent::Timeout => DbSyncOutcome::Timeout,
+            Unsent::Shutdown => DbSyncOutcome::Shutdown,
+        }
+        .into()
+    })
 }
 
 /// Runs blocking snapshot I/O off the async workers.
@@ -847,10 +874,11 @@ async fn run_session(
                 records: bytes::Bytes::copy_from_slice(&buf),
             };
             let msg = master_msg(pb::master_message::Msg::Batch(batch));
-            match tokio::time::timeout(cfg.link_timeout(), tx.send(msg)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(Outcome::SlaveClosed),
-                Err(_) => return Ok(Outcome::LinkTimeout),
+            match send_bounded(shared, tx, msg).await {
+                Ok(()) => {}
+                Err(Unsent::Closed) => return Ok(Outcome::SlaveClosed),
+                Err(Unsent::Timeout) => return Ok(Outcome::LinkTimeout),
+                Err(Unsent::Shutdown) => return Ok(Outcome::Shutdown),
             }
         }
         tokio::select! {

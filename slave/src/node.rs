@@ -296,20 +296,17 @@ async fn run_once(
         state: state.clone(),
         fsync: cfg.binlog.fsync.to_string(),
     });
-    let admin = AdminService::new(state.clone(), info);
+    let serve_opts = ServeOptions::from_config(&cfg.server);
+    let admin =
+        AdminService::new(state.clone(), info).with_connections(serve_opts.connections.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(kv.into_server());
     routes.add_service(admin.into_server());
-    let served = tern_common::server::serve(
-        listener,
-        routes.routes(),
-        ServeOptions {
-            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms),
-            max_concurrent_requests: cfg.server.max_concurrent_requests,
-        },
-        shutdown.clone(),
-    )
-    .await;
+    let served =
+        tern_common::server::serve(listener, routes.routes(), serve_opts, shutdown.clone()).await;
+    // serve returned at most server.shutdown_timeout_ms after `shutdown`,
+    // with every connection closed (cut if a client held it, e.g. a long
+    // min_index read).
     shutdown.cancel();
     // The link stops first (nothing more is appended), then the applier drains
     // everything received, then relay and state are made durable (I6).

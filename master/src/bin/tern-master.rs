@@ -43,6 +43,8 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         };
+    // Before anything opens files or accepts: see tern_common::server::fd_limit.
+    tern_common::server::fd_limit::raise_fd_limit_logged();
     let result = rt.block_on(tern_master_main(cfg));
     drop(telemetry);
     match result {
@@ -55,8 +57,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn tern_master_main(cfg: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
-        .await
+    let listener = tern_common::server::bind(cfg.listen_addr())
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.server.listen))?;
     let shutdown = CancellationToken::new();
     tern_common::signals::cancel_on_signal(shutdown.clone());
