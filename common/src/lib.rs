@@ -5,6 +5,7 @@
 //! - [`record`]: the binlog record codec `[len][crc32c][payload]` and the `Event` domain type.
 //! - [`boundary`]: the transaction boundary parser (Outside / InTxn / Error).
 //! - [`binlog`]: segmented, CRC-checked, group-fsynced binlog with tail recovery.
+//! - [`durability`]: the one fsync policy (always / everysec / no) and what counts as durable.
 //! - [`state`]: the RocksDB state machine: data and applied index in one WriteBatch.
 //! - [`limits`]: sizes every request is checked against.
 //! - [`marker`]: the clean-shutdown marker.
@@ -17,6 +18,7 @@
 pub mod binlog;
 pub mod boundary;
 pub mod config;
+pub mod durability;
 pub mod kv;
 pub mod limits;
 pub mod marker;

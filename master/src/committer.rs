@@ -12,7 +12,36 @@
 //!
 //! Binlog before state: a crash between 1 and 2 is repaired at start-up by
 //! replaying the binlog after the applied index. Nothing is shipped to slaves
-//! before it is durable under the fsync policy ([`Progress::shippable`]).
+//! before it is durable under the fsync policy ([`Progress::shippable`]); the
+//! binlog's [`Durability`](tern_common::durability) decides when to fsync.
+//!
+//! # When the write path fails
+//!
+//! The committer never stops on an error; it answers every request and tells
+//! the node through [`Progress::write_path`] (gRPC health, `Info.writable`):
+//!
+//! - **append fails** (a full disk, too many open files, EIO on write, a new
+//!   segment that cannot be created): the binlog undid the append, so nothing
+//!   of the group exists anywhere; its clients get [`WriteError::NotCommitted`]
+//!   (RESOURCE_EXHAUSTED for a resource that ran out, UNAVAILABLE otherwise),
+//!   the WRITESET history becomes a barrier, and the next group is tried
+//!   normally: writes work again as soon as the cause is gone. While failing,
+//!   an idle committer probes the binlog directory once a second so health
+//!   comes back without a write.
+//! - **fsync fails**: the kernel may have dropped the dirty pages, so a later
+//!   fsync that succeeds proves nothing. The group's clients get
+//!   [`WriteError::SyncFailed`] (outcome unknown), every later request
+//!   [`WriteError::Failed`], and the write path is failed for good: the node
+//!   stops and exits non-zero without a clean-shutdown marker, and start-up
+//!   recovery reads what is really on disk (PostgreSQL's PANIC on fsync
+//!   failure).
+//! - **the RocksDB write fails** after the append: the group is committed (in
+//!   the binlog, maybe shipped) but not in the state. Its clients are not
+//!   answered yet; new groups are refused with [`WriteError::StateBehind`]
+//!   (executing them against a state missing a committed group would be
+//!   wrong), and before each group and once a second the committer replays the
+//!   binlog after the applied index, as start-up recovery does. When that
+//!   succeeds the held clients get their answers and writes resume.
 //!
 //! The committer also owns binlog **retention** (it owns the [`Binlog`]): at
 //! most every [`RETENTION_INTERVAL`], after a group or when idle, it works out
@@ -26,7 +55,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tern_common::binlog::{Binlog, FsyncPolicy};
+use tern_common::binlog::{Binlog, BinlogError};
 use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
@@ -64,8 +93,70 @@ pub enum WriteError {
     TxnTooLarge { bytes: usize },
     #[error("the master is shutting down")]
     ShuttingDown,
+    /// The binlog append failed and was undone. `exhausted`: a resource ran out
+    /// (disk space, quota, file descriptors).
+    #[error("binlog append failed: {cause}; nothing of this write was committed")]
+    NotCommitted { cause: String, exhausted: bool },
+    /// The fsync covering this write failed: it may or may not survive.
+    #[error("binlog fsync failed: {0}; the outcome of this write is unknown")]
+    SyncFailed(String),
+    /// The write path failed for good earlier; the master is stopping.
+    #[error(
+        "the write path failed for good ({0}); nothing of this write was committed and the master \
+         is stopping"
+    )]
+    Failed(String),
+    /// A committed group is not in RocksDB yet: no new write runs until it is.
+    #[error(
+        "the state is behind the binlog after a RocksDB write failure ({0}); nothing of this \
+         write was committed; retrying"
+    )]
+    StateBehind(String),
     #[error("write path failed: {0}")]
     Internal(String),
+}
+
+/// Whether the write path can write; see "When the write path fails".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WritePath {
+    Writable,
+    /// Writes fail for now; every group retries.
+    Failing {
+        error: String,
+        since: SystemTime,
+    },
+    /// Failed for good (an fsync failed): the node must stop and exit non-zero.
+    Failed {
+        error: String,
+        since: SystemTime,
+    },
+}
+
+impl WritePath {
+    pub fn is_writable(&self) -> bool {
+        matches!(self, WritePath::Writable)
+    }
+
+    /// Empty when writable, else the error and since when (for `Info.write_error`).
+    pub fn describe(&self) -> String {
+        match self {
+            WritePath::Writable => String::new(),
+            WritePath::Failing { error, since } => format!("{error} (failing {})", ago(*since)),
+            WritePath::Failed { error, since } => {
+                format!("{error} (failed for good {})", ago(*since))
+            }
+        }
+    }
+}
+
+/// "since unix time T (N s ago)".
+fn ago(since: SystemTime) -> String {
+    let unix = since
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let secs = since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    format!("since unix time {unix}, {secs} s ago")
 }
 
 struct WriteRequest {
@@ -87,13 +178,17 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
+    /// Failed binlog appends, binlog fsyncs and RocksDB writes of the write path.
+    pub write_errors: AtomicU64,
+    /// Whether the write path can write (gRPC health and `Info.writable`).
+    pub write_path: watch::Sender<WritePath>,
     /// When each recent group committed: (last index of the group, time), for lag_ms.
     commit_times: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 impl Progress {
     fn new(binlog: &Binlog, state: &State) -> Arc<Progress> {
-        let (shippable_tx, shippable) = watch::channel(binlog.last_index());
+        let (shippable_tx, shippable) = watch::channel(binlog.shippable_index());
         let (applied, _) = watch::channel(state.applied_index());
         Arc::new(Progress {
             applied,
@@ -106,6 +201,8 @@ impl Progress {
             last_seq: AtomicU64::new(state.last_seq()),
             transactions: AtomicU64::new(0),
             groups: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            write_path: watch::channel(WritePath::Writable).0,
             commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
         })
     }
@@ -129,7 +226,7 @@ impl Progress {
         times.push_back((last_index, Instant::now()));
     }
 
-    fn publish(&self, binlog: &Binlog, fsync: FsyncPolicy) {
+    fn publish(&self, binlog: &Binlog) {
         self.durable
             .store(binlog.durable_index(), Ordering::Release);
         self.last_index
@@ -138,10 +235,7 @@ impl Progress {
             .store(binlog.first_index(), Ordering::Release);
         self.binlog_bytes
             .store(binlog.total_bytes(), Ordering::Release);
-        let ship = match fsync {
-            FsyncPolicy::Always => binlog.durable_index(),
-            FsyncPolicy::Everysec | FsyncPolicy::No => binlog.last_index(),
-        };
+        let ship = binlog.shippable_index();
         self.shippable_tx.send_if_modified(|v| {
             let changed = *v != ship;
             *v = ship;
@@ -168,13 +262,13 @@ impl CommitterHandle {
 }
 
 /// Starts the committer thread. It stops when every [`CommitterHandle`] is gone,
-/// after making the binlog and the state durable, and then returns the binlog.
+/// after making the binlog and the state durable, and then returns the binlog;
+/// or an error if the write path failed for good (then nothing more is written).
 /// It purges the binlog under `retention`, never past `pins` (but see
 /// [`crate::retention`] about the hard cap).
 pub fn spawn(
     binlog: Binlog,
     state: State,
-    fsync: FsyncPolicy,
     retention: Policy,
     pins: Arc<Pins>,
     runtime: tokio::runtime::Handle,
@@ -190,13 +284,14 @@ pub fn spawn(
         next_seq: state.last_seq() + 1,
         binlog,
         state,
-        fsync,
         progress: progress.clone(),
-        last_sync: Instant::now(),
         last_flush: Instant::now(),
         retention,
         pins,
         last_retention: Instant::now(),
+        failed: None,
+        behind: None,
+        last_attempt: Instant::now(),
     };
     let join = std::thread::Builder::new()
         .name("committer".into())
@@ -208,16 +303,34 @@ pub fn spawn(
 struct Committer {
     binlog: Binlog,
     state: State,
-    fsync: FsyncPolicy,
     writeset: WriteSet,
     next_seq: u64,
     progress: Arc<Progress>,
-    last_sync: Instant,
     last_flush: Instant,
     retention: Policy,
     pins: Arc<Pins>,
     last_retention: Instant,
+    /// Set when the write path failed for good (an fsync failed).
+    failed: Option<String>,
+    /// Set while a committed group is not in RocksDB.
+    behind: Option<Behind>,
+    /// Last probe or catch-up attempt while failing.
+    last_attempt: Instant,
 }
+
+/// A committed group whose RocksDB write failed: its answers wait for the
+/// state to catch up with the binlog.
+struct Behind {
+    error: String,
+    answers: Vec<(Reply, Result<WriteOutcome, WriteError>)>,
+}
+
+type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
+
+/// Bytes the idle probe writes while appends fail.
+const PROBE_BYTES: usize = 64 << 10;
+/// Name of the probe's scratch file in the binlog directory (not a segment).
+const PROBE_FILE: &str = ".write-probe";
 
 /// Writes of the group not yet in RocksDB: `None` is a delete.
 type Overlay = HashMap<Bytes, Option<Bytes>>;
@@ -235,15 +348,12 @@ impl Committer {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 // Idle: wake up every second for the everysec fsync and retention.
                 // (The timer is made inside block_on: it needs the runtime's context.)
-                Err(mpsc::error::TryRecvError::Empty) => match runtime.block_on(async {
-                    tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
-                }) {
+                Err(mpsc::error::TryRecvError::Empty) => match runtime
+                    .block_on(async { tokio::time::timeout(self.idle_wait(), rx.recv()).await })
+                {
                     Ok(r) => r,
                     Err(_) => {
-                        if self.fsync == FsyncPolicy::Everysec {
-                            self.sync_if_due()?;
-                        }
-                        self.retain_if_due();
+                        self.idle();
                         continue;
                     }
                 },
@@ -256,40 +366,161 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.commit_group(&mut group) {
-                tracing::error!(error = %e, "write path failed; refusing further writes");
-                for r in group.drain(..) {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
-                rx.close();
-                while let Ok(r) = rx.try_recv() {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
-                return Err(e);
+            self.commit_group(&mut group);
+            if self.failed.is_none() {
+                self.retain_if_due();
             }
-            self.retain_if_due();
+        }
+        if let Some(why) = self.failed.take() {
+            return Err(WriteError::Failed(why));
+        }
+        if self.behind.is_some() && !self.catch_up() {
+            // The held clients get ShuttingDown; the binlog has their writes
+            // and the next start replays them.
+            tracing::warn!("stopping with the state behind the binlog; the next start replays it");
         }
         self.binlog
-            .sync()
+            .sync_before_state_flush()
             .map_err(|e| WriteError::Internal(format!("binlog fsync: {e}")))?;
-        self.state
-            .flush()
-            .map_err(|e| WriteError::Internal(format!("rocksdb flush: {e}")))?;
-        self.progress.publish(&self.binlog, self.fsync);
+        self.progress.publish(&self.binlog);
+        // The binlog is durable and ends at a boundary: the stop is clean even if
+        // RocksDB cannot flush (a full disk): the next start replays the rest.
+        if let Err(e) = self.state.flush() {
+            tracing::error!(
+                error = %e,
+                applied = self.state.applied_index(),
+                "rocksdb flush failed at the stop; the next start replays the binlog after the \
+                 last flushed state"
+            );
+        }
         Ok(self.binlog)
     }
 
-    fn sync_if_due(&mut self) -> Result<(), WriteError> {
-        if self.binlog.durable_index() < self.binlog.last_index()
-            && self.last_sync.elapsed() >= Duration::from_secs(1)
-        {
-            self.binlog
-                .sync()
-                .map_err(|e| WriteError::Internal(format!("binlog fsync: {e}")))?;
-            self.last_sync = Instant::now();
-            self.progress.publish(&self.binlog, self.fsync);
+    /// How long an idle committer waits for a request before [`idle`](Self::idle).
+    fn idle_wait(&self) -> Duration {
+        let tick = self
+            .binlog
+            .durability()
+            .tick_interval()
+            .unwrap_or(Duration::from_secs(1));
+        tick.min(Duration::from_secs(1))
+    }
+
+    /// Work with no request waiting: the fsync policy's timer, retrying a
+    /// failing write path, retention.
+    fn idle(&mut self) {
+        if self.failed.is_some() {
+            return;
         }
-        Ok(())
+        match self.binlog.tick() {
+            Ok(true) => self.progress.publish(&self.binlog),
+            Ok(false) => {}
+            Err(e) => {
+                self.fail_for_good(&e);
+                return;
+            }
+        }
+        if self.last_attempt.elapsed() >= Duration::from_secs(1) {
+            if self.behind.is_some() {
+                self.catch_up();
+            } else if !self.progress.write_path.borrow().is_writable() {
+                self.probe();
+            }
+        }
+        self.retain_if_due();
+    }
+
+    /// Records a failure of the write path (it retries).
+    fn failing(&self, error: String) {
+        self.progress.write_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%error, "write path failing");
+        self.progress.write_path.send_modify(|w| {
+            let since = match w {
+                WritePath::Failing { since, .. } => *since,
+                _ => SystemTime::now(),
+            };
+            *w = WritePath::Failing { error, since };
+        });
+    }
+
+    fn writable(&self) {
+        self.progress.write_path.send_if_modified(|w| {
+            if w.is_writable() {
+                return false;
+            }
+            tracing::info!("write path writable again");
+            *w = WritePath::Writable;
+            true
+        });
+    }
+
+    /// The write path is failed for good: see the module docs.
+    fn fail_for_good(&mut self, e: &BinlogError) {
+        let error = e.to_string();
+        self.progress.write_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            %error,
+            "binlog fsync failed (or a failed write could not be undone): nothing more will be \
+             written or acknowledged; stopping so that start-up recovery reads what is on disk"
+        );
+        // Held answers (state behind) stay unanswered: their clients see the
+        // stop. Their writes are in the binlog, which recovery reads.
+        self.behind = None;
+        self.failed = Some(error.clone());
+        self.progress.write_path.send_replace(WritePath::Failed {
+            error,
+            since: SystemTime::now(),
+        });
+    }
+
+    /// While appends fail and nothing else tests the disk: writes (and removes)
+    /// a scratch file next to the binlog; if that works, health comes back and
+    /// the next group tries for real.
+    fn probe(&mut self) {
+        self.last_attempt = Instant::now();
+        let path = self.binlog.dir().join(PROBE_FILE);
+        let res = std::fs::write(&path, vec![0u8; PROBE_BYTES]);
+        let _ = std::fs::remove_file(&path);
+        match res {
+            Ok(()) => self.writable(),
+            Err(e) => tracing::debug!(error = %e, "write probe failed"),
+        }
+    }
+
+    /// Brings the state up to the binlog after a failed RocksDB write, by
+    /// replaying the binlog after its applied index; answers the held clients
+    /// when it works. Returns whether the state is caught up.
+    fn catch_up(&mut self) -> bool {
+        let Some(behind) = self.behind.take() else {
+            return true;
+        };
+        self.last_attempt = Instant::now();
+        match tern_common::replay::replay(&self.binlog, &self.state) {
+            Ok(events) => {
+                tracing::info!(
+                    events,
+                    applied = self.state.applied_index(),
+                    "state caught up with the binlog after a RocksDB write failure"
+                );
+                self.progress
+                    .applied
+                    .send_replace(self.state.applied_index());
+                for (reply, answer) in behind.answers {
+                    let _ = reply.send(answer);
+                }
+                self.writable();
+                true
+            }
+            Err(e) => {
+                let error = format!(
+                    "rocksdb write failed ({}); replaying the binlog into it failed: {e}",
+                    behind.error
+                );
+                self.failing(error);
+                self.behind = Some(behind);
+                false
+            }
+        }
     }
 
     /// Runs retention if it has not run for [`RETENTION_INTERVAL`]. A failure is
@@ -325,6 +556,11 @@ impl Committer {
         {
             return Ok(());
         }
+        if let Err(e) = self.binlog.sync_before_state_flush() {
+            self.fail_for_good(&e);
+            return Err(format!("binlog fsync before a rocksdb flush: {e}"));
+        }
+        self.progress.publish(&self.binlog);
         self.state
             .flush()
             .map_err(|e| format!("rocksdb flush before purge: {e}"))?;
@@ -372,7 +608,7 @@ impl Committer {
         }
         let purged = self.binlog.purge_to(plan.purge_to);
         // Publish even after a partial failure: the binlog may have moved.
-        self.progress.publish(&self.binlog, self.fsync);
+        self.progress.publish(&self.binlog);
         drop(pins);
         let removed =
             purged.map_err(|e| format!("purging the binlog to {}: {e}", plan.purge_to))?;
@@ -386,9 +622,28 @@ impl Committer {
         Ok(())
     }
 
-    /// Executes, logs, applies and answers one group. On `Err` nothing of the
-    /// group was acknowledged and the caller fails every request in it.
-    fn commit_group(&mut self, group: &mut Vec<WriteRequest>) -> Result<(), WriteError> {
+    /// Executes, logs, applies and answers one group (every request in it gets
+    /// an answer, now or, if the state fell behind, once it caught up).
+    fn commit_group(&mut self, group: &mut Vec<WriteRequest>) {
+        if let Some(why) = &self.failed {
+            let e = WriteError::Failed(why.clone());
+            for r in group.drain(..) {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        if self.behind.is_some() && !self.catch_up() {
+            let why = self
+                .behind
+                .as_ref()
+                .map(|b| b.error.clone())
+                .unwrap_or_default();
+            let e = WriteError::StateBehind(why);
+            for r in group.drain(..) {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
         let commit_ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -457,24 +712,34 @@ impl Committer {
             }));
         }
         let rest: Vec<WriteRequest> = group.drain(taken..).collect();
+        let replies: Vec<(Reply, Result<WriteOutcome, WriteError>)> =
+            group.drain(..).map(|r| r.reply).zip(answers).collect();
         if next_index > first_index {
             let last_index = next_index - 1;
-            let io = |what: &str, e: &dyn std::fmt::Display| {
-                WriteError::Internal(format!("{what}: {e}"))
-            };
-            self.binlog
-                .append(&records, first_index, last_index, true)
-                .map_err(|e| io("binlog append", &e))?;
-            if self.fsync == FsyncPolicy::Always {
-                self.binlog.sync().map_err(|e| io("binlog fsync", &e))?;
-                self.last_sync = Instant::now();
-            } else if self.fsync == FsyncPolicy::Everysec {
-                self.sync_if_due()?;
+            if let Err(e) = self.binlog.append(&records, first_index, last_index, true) {
+                let err = if e.is_fatal() {
+                    self.fail_for_good(&e);
+                    WriteError::SyncFailed(io_cause(&e))
+                } else {
+                    // Undone: none of these seqs exist. The WRITESET history
+                    // saw them, so it restarts as a barrier.
+                    self.writeset = WriteSet::new(self.next_seq - 1, WRITESET_CAPACITY);
+                    let err = WriteError::NotCommitted {
+                        cause: io_cause(&e),
+                        exhausted: e.is_out_of_resources(),
+                    };
+                    self.failing(err.to_string());
+                    err
+                };
+                fail_committed(replies, &err);
+                return self.commit_rest(group, rest);
             }
-            self.progress.publish(&self.binlog, self.fsync);
-            self.state
-                .apply(batch, last_index, seq - 1)
-                .map_err(|e| io("rocksdb write", &e))?;
+            if let Err(e) = self.binlog.sync_if_due() {
+                self.fail_for_good(&e);
+                fail_committed(replies, &WriteError::SyncFailed(io_cause(&e)));
+                return self.commit_rest(group, rest);
+            }
+            self.progress.publish(&self.binlog);
             let txns = seq - self.next_seq;
             self.next_seq = seq;
             self.progress.last_seq.store(seq - 1, Ordering::Release);
@@ -483,23 +748,52 @@ impl Committer {
                 .fetch_add(txns, Ordering::Relaxed);
             self.progress.groups.fetch_add(1, Ordering::Relaxed);
             self.progress.record_commit(last_index);
+            if let Err(e) = self.state.apply(batch, last_index, seq - 1) {
+                // Committed in the binlog, not in the state: hold the answers
+                // until the state catches up (see the module docs).
+                let error = format!("rocksdb write: {e}");
+                self.failing(format!(
+                    "rocksdb write of committed group {first_index}..={last_index} failed: {e}"
+                ));
+                self.last_attempt = Instant::now();
+                self.behind = Some(Behind {
+                    error,
+                    answers: replies,
+                });
+                return self.commit_rest(group, rest);
+            }
+            self.writable();
             if self.last_flush.elapsed() >= FLUSH_INTERVAL {
                 self.last_flush = Instant::now();
-                if let Err(e) = self.state.request_flush() {
-                    tracing::warn!(error = %e, "background flush request failed");
-                }
+                self.request_flush();
             }
             self.progress.applied.send_replace(last_index);
         }
-        for (req, answer) in group.drain(..).zip(answers) {
-            let _ = req.reply.send(answer);
+        for (reply, answer) in replies {
+            let _ = reply.send(answer);
         }
-        // Requests beyond the byte cap go first in the next group.
+        self.commit_rest(group, rest)
+    }
+
+    /// Requests beyond the byte cap go first in the next group.
+    fn commit_rest(&mut self, group: &mut Vec<WriteRequest>, rest: Vec<WriteRequest>) {
         if !rest.is_empty() {
             group.extend(rest);
-            return self.commit_group(group);
+            self.commit_group(group);
         }
-        Ok(())
+    }
+
+    /// Starts a background RocksDB flush, after making the binlog durable up to
+    /// what the state holds.
+    fn request_flush(&mut self) {
+        if let Err(e) = self.binlog.sync_before_state_flush() {
+            self.fail_for_good(&e);
+            return;
+        }
+        self.progress.publish(&self.binlog);
+        if let Err(e) = self.state.request_flush() {
+            tracing::warn!(error = %e, "background flush request failed");
+        }
     }
 
     /// Runs one transaction: returns its writes (after-images, in order) and the
@@ -582,6 +876,23 @@ impl Committer {
             return Err(WriteError::TxnTooLarge { bytes });
         }
         Ok((writes, results))
+    }
+}
+
+/// Answers a group whose append or fsync failed: every transaction that was in
+/// it gets `err`; those that failed on their own keep their own error.
+fn fail_committed(replies: Vec<(Reply, Result<WriteOutcome, WriteError>)>, err: &WriteError) {
+    for (reply, answer) in replies {
+        let _ = reply.send(answer.and(Err(err.clone())));
+    }
+}
+
+/// The OS error of a binlog I/O error as the OS says it ("No space left on
+/// device (os error 28)"), else the whole error.
+fn io_cause(e: &BinlogError) -> String {
+    match e {
+        BinlogError::Io(io) | BinlogError::Fsync(io) => io.to_string(),
+        other => other.to_string(),
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::committer::{self, CommitterHandle, Progress, WriteError};
+use crate::committer::{self, CommitterHandle, Progress, WriteError, WritePath};
 use crate::pins::Pins;
 use crate::retention;
 use crate::snapshot::{self, SnapshotManager};
@@ -38,10 +38,44 @@ impl Writer for CommitWriter {
             | WriteError::Overflow { .. }
             | WriteError::ValueTooLarge { .. } => Status::failed_precondition(e.to_string()),
             WriteError::TxnTooLarge { .. } => Status::invalid_argument(e.to_string()),
-            WriteError::ShuttingDown => Status::unavailable(e.to_string()),
+            WriteError::NotCommitted {
+                exhausted: true, ..
+            } => Status::resource_exhausted(e.to_string()),
+            WriteError::ShuttingDown
+            | WriteError::NotCommitted { .. }
+            | WriteError::SyncFailed(_)
+            | WriteError::Failed(_)
+            | WriteError::StateBehind(_) => Status::unavailable(e.to_string()),
             WriteError::Internal(_) => Status::internal(e.to_string()),
         })
     }
+}
+
+/// Health follows the write path ("serving" while it can write); a write path
+/// failed for good stops the node, which then exits non-zero (see
+/// [`crate::committer`]).
+fn watch_write_path(
+    progress: &Progress,
+    shutdown: CancellationToken,
+) -> tokio::sync::watch::Receiver<bool> {
+    let mut path = progress.write_path.subscribe();
+    let (serving_tx, serving) = tokio::sync::watch::channel(path.borrow().is_writable());
+    tokio::spawn(async move {
+        loop {
+            let now = path.borrow_and_update().clone();
+            serving_tx.send_replace(now.is_writable());
+            if let WritePath::Failed { error, .. } = &now {
+                tracing::error!(%error, "the write path failed for good: stopping the master");
+                shutdown.cancel();
+                return;
+            }
+            tokio::select! {
+                changed = path.changed() => if changed.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    serving
 }
 
 struct MasterInfo {
@@ -81,8 +115,11 @@ impl InfoSource for MasterInfo {
                 stale_messages: self.sync.stale_messages.load(Ordering::Relaxed),
                 transactions_committed: p.transactions.load(Ordering::Relaxed),
                 commit_groups: p.groups.load(Ordering::Relaxed),
+                write_errors: p.write_errors.load(Ordering::Relaxed),
                 ..Default::default()
             }),
+            write_error: p.write_path.borrow().describe(),
+            writable: p.write_path.borrow().is_writable(),
             ..Default::default()
         }
     }
@@ -187,7 +224,6 @@ pub async fn run(
     let (handle, progress, committer) = committer::spawn(
         binlog,
         state.clone(),
-        cfg.binlog.fsync,
         retention::Policy::from_config(&cfg.binlog),
         pins.clone(),
         tokio::runtime::Handle::current(),
@@ -232,7 +268,8 @@ pub async fn run(
         replayed_on_start,
         fsync: cfg.binlog.fsync.to_string(),
     });
-    let serve_opts = ServeOptions::from_config(&cfg.server);
+    let mut serve_opts = ServeOptions::from_config(&cfg.server);
+    serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
     let admin =
         AdminService::new(state.clone(), info).with_connections(serve_opts.connections.clone());
     let mut routes = tonic::service::Routes::builder();

@@ -18,14 +18,19 @@
 //! **Receiver (I3).** Each BinlogBatch is checked (session id, index contiguity,
 //! CRCs, the boundary parser) and its bytes are appended unchanged to the relay
 //! log, so the relay log is byte-identical to the master's binlog. `received`
-//! moves only at Commit boundaries, after the append is durable. Heartbeats run
-//! on their own task and never wait for apply (I7).
+//! moves only at Commit boundaries that are durable under the relay log's fsync
+//! policy (`always`: fsynced with the batch; `everysec`: at the next fsync, at
+//! most about a second later, driven by a timer so an idle link advances too;
+//! `no`: when written; see [`tern_common::durability`]). The applier reads only
+//! up to `received`, so the slave's RocksDB is never ahead of its durable relay
+//! log and may be flushed at any time. Heartbeats run on their own task and
+//! never wait for apply (I7).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tern_common::binlog::{Binlog, FsyncPolicy};
+use tern_common::binlog::Binlog;
 use tern_common::boundary::{BoundaryParser, ParserState};
 use tern_common::config::Config;
 use tern_common::position::ReplId;
@@ -489,6 +494,10 @@ impl Link {
         let mut parser = BoundaryParser::new(index, Some(self.state.last_seq()));
         let mut last_heard = Instant::now();
         let mut check = tokio::time::interval(cfg.heartbeat());
+        let durability_period = self.relay.durability().tick_interval();
+        let mut durability =
+            tokio::time::interval(durability_period.unwrap_or(Duration::from_secs(3600)));
+        durability.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 m = inbound.message() => {
@@ -519,6 +528,9 @@ impl Link {
                         break Err(ReconnectReason::LinkTimeout(timeout));
                     }
                 }
+                _ = durability.tick(), if durability_period.is_some() => {
+                    tokio::task::block_in_place(|| self.durability_tick())?;
+                }
                 _ = self.shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
             }
         };
@@ -526,8 +538,36 @@ impl Link {
         result
     }
 
-    /// Checks one batch, appends its bytes unchanged, advances `received` at the
-    /// last Commit boundary and returns the ack for it.
+    /// `received` = the last Commit boundary that counts as durable in the
+    /// relay log under its fsync policy (I3; see [`tern_common::durability`]).
+    /// Returns it.
+    fn advance_received(&self) -> u64 {
+        let received = self.relay.received_index();
+        self.received_tx.send_if_modified(|r| {
+            let changed = *r != received;
+            *r = received;
+            changed
+        });
+        received
+    }
+
+    /// The fsync policy's timer (`everysec`): what was appended becomes durable,
+    /// and `received` advances, even when no batch arrives; the heartbeat
+    /// reports it.
+    fn durability_tick(&mut self) -> Result<(), ReconnectReason> {
+        if self
+            .relay
+            .tick()
+            .map_err(|e| ReconnectReason::Relay(e.to_string()))?
+        {
+            self.status.publish_relay(&self.relay);
+            self.advance_received();
+        }
+        Ok(())
+    }
+
+    /// Checks one batch, appends its bytes unchanged, advances `received` to
+    /// the last Commit boundary that is durable and returns the ack for it.
     fn receive(
         &mut self,
         b: &pb::BinlogBatch,
@@ -586,19 +626,14 @@ impl Link {
             self.relay
                 .append(&b.records[skip_bytes..], next, b.last_index, at_boundary)
                 .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            if self.cfg.binlog.fsync == FsyncPolicy::Always {
-                self.relay
-                    .sync()
-                    .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            }
+            // The relay log's durability policy decides whether to fsync now.
+            self.relay
+                .sync_if_due()
+                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
             self.status.publish_relay(&self.relay);
         }
-        let received = parser.last_boundary();
-        self.received_tx.send_if_modified(|r| {
-            let changed = *r != received;
-            *r = received;
-            changed
-        });
+        debug_assert_eq!(self.relay.last_boundary(), parser.last_boundary());
+        let received = self.advance_received();
         Ok(pb::BinlogAck {
             session_id: b.session_id,
             first_send: false,

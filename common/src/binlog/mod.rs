@@ -52,14 +52,24 @@
 //!
 //! # Durability
 //!
-//! [`Binlog::append`] is one `pwrite` of the caller's bytes; it does not
-//! fsync. [`Binlog::sync`] fdatasyncs the tail (and the directory after a
-//! new segment was created) and advances [`Binlog::durable_index`].
-//! [`Binlog::sync_if_due`] applies the [`FsyncPolicy`]: `always` syncs every
-//! time it is called (call it once per group of transactions: group commit),
-//! `everysec` at most once a second, `no` never (the kernel decides). An
-//! fsync failure fails the writer for good (the page cache may have dropped
-//! the data): reopen the binlog to recover from what is on disk.
+//! [`Binlog::append`] is one `pwrite` of the caller's bytes (two when a full
+//! tail is closed at a Commit); it does not fsync. It is all or nothing: if
+//! any write (or the creation of a new segment) fails, everything the call
+//! wrote is undone and the log is exactly where it was, still appendable, and
+//! the error is an [`BinlogError::Io`] the caller may retry after (a full disk,
+//! too many open files). Only if the undo itself fails is the writer failed.
+//!
+//! [`Binlog::sync`] fdatasyncs the tail (and the directory after a new segment
+//! was created) and advances [`Binlog::durable_index`] and
+//! [`Binlog::durable_boundary`]. *When* to sync is not the caller's decision:
+//! the log's [`Durability`] applies the [`FsyncPolicy`] through
+//! [`Binlog::sync_if_due`] (after each group append), [`Binlog::tick`] (from a
+//! timer) and [`Binlog::sync_before_state_flush`], and says what counts as
+//! durable ([`Binlog::shippable_index`], [`Binlog::received_index`]); see
+//! [`crate::durability`]. An fsync failure ([`BinlogError::Fsync`]) fails the
+//! writer for good (the kernel may have dropped the dirty pages, so a later
+//! fsync succeeding proves nothing): reopen the binlog to recover from what is
+//! really on disk.
 //!
 //! # Seeking
 //!
@@ -72,6 +82,11 @@
 mod reader;
 mod segment;
 
+pub use self::reader::BinlogReader;
+use self::segment::{Meta, SPARSE_INTERVAL, Scan, Scanner, Segment, Shared, SparseEntry};
+use crate::boundary::{BoundaryError, BoundaryParser, Step};
+use crate::durability::Durability;
+use crate::record::{self, EventKind, HEADER_LEN, KindTag, RecordError};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -79,12 +94,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
-
-pub use self::reader::BinlogReader;
-use self::segment::{Meta, SPARSE_INTERVAL, Scan, Scanner, Segment, Shared, SparseEntry};
-use crate::boundary::{BoundaryError, BoundaryParser, Step};
-use crate::record::{self, EventKind, HEADER_LEN, KindTag, RecordError};
 
 /// When the binlog fsyncs; see the module docs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize)]
@@ -154,8 +163,14 @@ impl Default for BinlogOptions {
 /// Everything that can go wrong with the binlog.
 #[derive(Debug, thiserror::Error)]
 pub enum BinlogError {
+    /// A write, read or file creation failed. From `append`, nothing of the
+    /// call was kept: the log is unchanged and may be appended to again.
     #[error("binlog I/O error: {0}")]
     Io(#[from] io::Error),
+    /// An fsync (of a segment or of the directory) failed: the writer is
+    /// failed for good, see the module docs.
+    #[error("binlog fsync failed: {0}")]
+    Fsync(io::Error),
     /// A record on disk is damaged where it must be intact (not at the tail
     /// during recovery, where damage is truncated instead).
     #[error("corrupt binlog record in {} at offset {offset}: {source}", segment.display())]
@@ -197,6 +212,31 @@ pub enum BinlogError {
     Failed(String),
 }
 
+impl BinlogError {
+    /// The OS error number behind an I/O error (`ENOSPC`, `EMFILE`, ...), if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            BinlogError::Io(e) | BinlogError::Fsync(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// True for an I/O error that says a resource ran out (`ENOSPC`,
+    /// `EDQUOT`, `EMFILE`, `ENFILE`): retrying once it is freed can succeed.
+    pub fn is_out_of_resources(&self) -> bool {
+        matches!(
+            self.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE)
+        )
+    }
+
+    /// True when the writer can no longer be used (an fsync failed, or a failed
+    /// write could not be undone): the binlog must be reopened.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, BinlogError::Fsync(_) | BinlogError::Failed(_))
+    }
+}
+
 /// What [`Binlog::open`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -230,9 +270,13 @@ pub struct Binlog {
     /// The last event written is a boundary (or the log is empty).
     at_boundary: bool,
     durable_index: u64,
+    /// Last transaction boundary (Commit index, or where the log starts) written.
+    last_boundary: u64,
+    /// `last_boundary` as of the last successful sync.
+    durable_boundary: u64,
     /// A segment file was created since the directory was last fsynced.
     dir_dirty: bool,
-    last_sync: Instant,
+    durability: Durability,
     failed: Option<String>,
     /// Reused by `append` for the sparse entries of one call.
     sparse_scratch: Vec<SparseEntry>,
@@ -248,6 +292,19 @@ impl fmt::Debug for Binlog {
             .field("last_seq", &self.last_seq)
             .finish_non_exhaustive()
     }
+}
+
+/// The writer's position before an `append`, to undo it.
+struct Mark {
+    tail: Arc<File>,
+    tail_id: u64,
+    tail_len: u64,
+    last_sparse_off: Option<u64>,
+    next_index: u64,
+    total_bytes: u64,
+    last_seq: Option<u64>,
+    at_boundary: bool,
+    last_boundary: u64,
 }
 
 /// Result of scanning a tail segment.
@@ -363,8 +420,10 @@ impl Binlog {
             last_seq: scan.last_seq,
             at_boundary: true,
             durable_index: scan.last_index,
+            last_boundary: scan.last_index,
+            durable_boundary: scan.last_index,
             dir_dirty: false,
-            last_sync: Instant::now(),
+            durability: Durability::new(opts.fsync),
             failed: None,
             sparse_scratch: Vec::new(),
         };
@@ -405,6 +464,35 @@ impl Binlog {
     /// Last index known to be on stable storage.
     pub fn durable_index(&self) -> u64 {
         self.durable_index
+    }
+
+    /// Last transaction boundary written (a Commit's index, or the index the
+    /// log starts after); it may not be durable yet.
+    pub fn last_boundary(&self) -> u64 {
+        self.last_boundary
+    }
+
+    /// Last transaction boundary known to be on stable storage.
+    pub fn durable_boundary(&self) -> u64 {
+        self.durable_boundary
+    }
+
+    /// Last index a master may ship to slaves under the fsync policy.
+    pub fn shippable_index(&self) -> u64 {
+        self.durability
+            .shippable(self.last_index(), self.durable_index)
+    }
+
+    /// Last boundary a slave may acknowledge as received under the fsync policy
+    /// (I3: durable in the relay log, except under `no`).
+    pub fn received_index(&self) -> u64 {
+        self.durability
+            .received(self.last_boundary, self.durable_boundary)
+    }
+
+    /// The fsync policy this log follows.
+    pub fn durability(&self) -> &Durability {
+        &self.durability
     }
 
     /// Bytes of all segment files.
@@ -448,6 +536,9 @@ impl Binlog {
     /// a transaction is closed at the first `Commit` of `records`, so segments
     /// stay near `segment_bytes` even when every batch ends mid-transaction (a
     /// catching-up slave's relay log); the append is then two writes.
+    ///
+    /// All or nothing: on an error nothing of `records` is kept (see the
+    /// module docs), unless the error [`is_fatal`](BinlogError::is_fatal).
     pub fn append(
         &mut self,
         records: &[u8],
@@ -455,21 +546,116 @@ impl Binlog {
         last_index: u64,
         ends_at_boundary: bool,
     ) -> Result<(), BinlogError> {
-        if self.tail_len >= self.opts.segment_bytes
+        self.check_failed()?;
+        let mark = self.mark();
+        let res = if self.tail_len >= self.opts.segment_bytes
             && !self.at_boundary
             && first_index == self.next_index
             && let Some((split, commit_index)) = end_of_first_commit(records, first_index)
             && commit_index < last_index
         {
-            self.append_unsplit(&records[..split], first_index, commit_index, true)?;
-            return self.append_unsplit(
-                &records[split..],
-                commit_index + 1,
-                last_index,
-                ends_at_boundary,
-            );
+            self.append_unsplit(&records[..split], first_index, commit_index, true)
+                .and_then(|()| {
+                    self.append_unsplit(
+                        &records[split..],
+                        commit_index + 1,
+                        last_index,
+                        ends_at_boundary,
+                    )
+                })
+        } else {
+            self.append_unsplit(records, first_index, last_index, ends_at_boundary)
+        };
+        if let Err(e) = res {
+            if !e.is_fatal()
+                && let Err(undo) = self.rewind(&mark)
+            {
+                self.failed = Some(format!(
+                    "append failed ({e}) and could not be undone ({undo})"
+                ));
+                return Err(BinlogError::Failed(format!(
+                    "append failed ({e}) and could not be undone ({undo})"
+                )));
+            }
+            return Err(e);
         }
-        self.append_unsplit(records, first_index, last_index, ends_at_boundary)
+        Ok(())
+    }
+
+    /// Where the writer is, for [`rewind`](Self::rewind).
+    fn mark(&self) -> Mark {
+        Mark {
+            tail: self.tail.clone(),
+            tail_id: self.tail_id,
+            tail_len: self.tail_len,
+            last_sparse_off: self.last_sparse_off,
+            next_index: self.next_index,
+            total_bytes: self.total_bytes,
+            last_seq: self.last_seq,
+            at_boundary: self.at_boundary,
+            last_boundary: self.last_boundary,
+        }
+    }
+
+    /// Undoes a failed `append` back to `mark`: removes a segment it created,
+    /// cuts the tail back, and restores the in-memory state. Bytes it had
+    /// written that an fsync (at a roll) made durable are cut durably.
+    fn rewind(&mut self, mark: &Mark) -> Result<(), BinlogError> {
+        let created: Vec<u64> = {
+            let mut meta = self.shared.write();
+            let pos = meta
+                .segs
+                .iter()
+                .position(|s| s.id == mark.tail_id)
+                .ok_or_else(|| {
+                    BinlogError::InvalidArgument("the marked tail segment is gone".into())
+                })?;
+            let created: Vec<u64> = meta
+                .segs
+                .split_off(pos + 1)
+                .iter()
+                .map(|s| s.first_index)
+                .collect();
+            let moved = meta.segs[pos].len != mark.tail_len
+                || meta.next_index != mark.next_index
+                || !created.is_empty();
+            let seg = &mut meta.segs[pos];
+            seg.len = mark.tail_len;
+            seg.last_index = mark.next_index - 1;
+            if let Some(sparse) = seg.sparse.as_mut() {
+                sparse.retain(|e| e.1 < mark.tail_len);
+            }
+            meta.next_index = mark.next_index;
+            if moved {
+                meta.epoch += 1;
+            }
+            created
+        };
+        let was_durable = self.durable_index >= mark.next_index;
+        self.tail = mark.tail.clone();
+        self.tail_id = mark.tail_id;
+        self.tail_len = mark.tail_len;
+        self.last_sparse_off = mark.last_sparse_off;
+        self.next_index = mark.next_index;
+        self.total_bytes = mark.total_bytes;
+        self.last_seq = mark.last_seq;
+        self.at_boundary = mark.at_boundary;
+        self.last_boundary = mark.last_boundary;
+        self.durable_index = self.durable_index.min(mark.next_index - 1);
+        self.durable_boundary = self.durable_boundary.min(mark.last_boundary);
+        for &first in created.iter().rev() {
+            remove_if_exists(&self.shared.path(first))?;
+        }
+        if self.tail.metadata()?.len() != mark.tail_len {
+            self.tail.set_len(mark.tail_len)?;
+            if was_durable {
+                self.tail.sync_data()?;
+            }
+        }
+        if !created.is_empty() {
+            tracing::debug!(segments = ?created, "binlog: removed segments of a failed append");
+        }
+        Ok(())
     }
 
     fn append_unsplit(
@@ -519,20 +705,13 @@ impl Binlog {
             &mut sparse,
         );
         self.sparse_scratch = sparse;
-        let new_seq = checked?;
+        let (new_seq, last_commit) = checked?;
         if roll {
             self.roll()?;
         }
 
-        if let Err(e) = self.tail.write_all_at(records, self.tail_len) {
-            // Undo a partial write so the file still ends at a record boundary.
-            if let Err(e2) = self.tail.set_len(self.tail_len) {
-                self.failed = Some(format!(
-                    "append failed ({e}) and could not be undone ({e2})"
-                ));
-            }
-            return Err(e.into());
-        }
+        // A partial write is cut off by `append`'s rewind.
+        self.tail.write_all_at(records, self.tail_len)?;
         let len = records.len() as u64;
         self.tail_len += len;
         self.total_bytes += len;
@@ -540,6 +719,9 @@ impl Binlog {
         self.at_boundary = ends_at_boundary;
         if let Some(seq) = new_seq {
             self.last_seq = Some(seq);
+        }
+        if let Some(commit) = last_commit {
+            self.last_boundary = commit;
         }
         if let Some(&(_, o)) = self.sparse_scratch.last() {
             self.last_sparse_off = Some(o);
@@ -558,7 +740,8 @@ impl Binlog {
 
     /// Validates an append's records and collects the sparse-index entries
     /// they add when written at file offset `base` of a segment whose last
-    /// entry is at `last_entry`. Returns the seq of the final `Commit`.
+    /// entry is at `last_entry`. Returns the seq of the final `Commit` (when
+    /// the batch ends with one) and the index of the last `Commit` in it.
     #[allow(clippy::too_many_arguments)]
     fn check_batch(
         &self,
@@ -569,8 +752,9 @@ impl Binlog {
         base: u64,
         last_entry: Option<u64>,
         sparse: &mut Vec<SparseEntry>,
-    ) -> Result<Option<u64>, BinlogError> {
+    ) -> Result<(Option<u64>, Option<u64>), BinlogError> {
         let bad = |index, reason: String| BinlogError::BadBatch { index, reason };
+        let mut last_commit = None;
         let mut off = 0usize;
         let mut index = first_index;
         let mut last_frame: &[u8] = &[];
@@ -609,6 +793,9 @@ impl Binlog {
                 sparse.push((index, file_off));
                 next_entry = file_off + SPARSE_INTERVAL;
             }
+            if kind == KindTag::Commit {
+                last_commit = Some(index);
+            }
             last_frame = frame;
             last_kind = kind;
             off += n;
@@ -633,13 +820,13 @@ impl Binlog {
             ));
         }
         if !ends_at_boundary {
-            return Ok(None);
+            return Ok((None, last_commit));
         }
         match record::decode_payload(&last_frame[HEADER_LEN..]) {
             Ok(record::Event {
                 kind: EventKind::Commit { seq },
                 ..
-            }) => Ok(Some(seq)),
+            }) => Ok((Some(seq), last_commit)),
             Ok(ev) => Err(bad(last_index, format!("expected a Commit, found {ev:?}"))),
             Err(source) => Err(BinlogError::BadRecord {
                 index: last_index,
@@ -653,6 +840,8 @@ impl Binlog {
         if self.durable_index < self.last_index() {
             self.fsync_tail()?;
             self.durable_index = self.last_index();
+            // The tail is sealed at a boundary.
+            self.durable_boundary = self.last_boundary;
         }
         let first = self.next_index;
         let file = Arc::new(create_segment(&self.shared.dir, first)?);
@@ -679,7 +868,7 @@ impl Binlog {
     fn fsync_tail(&mut self) -> Result<(), BinlogError> {
         if let Err(e) = self.tail.sync_data() {
             self.failed = Some(format!("fsync failed: {e}"));
-            return Err(e.into());
+            return Err(BinlogError::Fsync(e));
         }
         Ok(())
     }
@@ -697,30 +886,49 @@ impl Binlog {
         if self.dir_dirty {
             if let Err(e) = segment::sync_dir(&self.shared.dir) {
                 self.failed = Some(format!("directory fsync failed: {e}"));
-                return Err(e.into());
+                return Err(BinlogError::Fsync(e));
             }
             self.dir_dirty = false;
         }
         self.durable_index = target;
-        self.last_sync = Instant::now();
+        self.durable_boundary = self.last_boundary;
+        self.durability.synced();
         Ok(())
     }
 
-    /// Syncs if the fsync policy says so now: `always` → yes, `everysec` → if
-    /// the last sync is a second old, `no` → never. Returns whether it synced.
-    /// Call it after each group append, and from a periodic tick under
-    /// `everysec`.
+    /// Something written is not durable yet.
+    fn sync_pending(&self) -> bool {
+        self.durable_index < self.last_index() || self.dir_dirty
+    }
+
+    /// Syncs if the fsync policy says so right after an append: `always` →
+    /// yes (call it once per group of transactions: group commit), `everysec`
+    /// → if the last sync is a second old, `no` → never. Returns whether it
+    /// synced.
     pub fn sync_if_due(&mut self) -> Result<bool, BinlogError> {
-        let due = match self.opts.fsync {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Everysec => self.last_sync.elapsed() >= Duration::from_secs(1),
-            FsyncPolicy::No => false,
-        };
-        if due && (self.durable_index < self.last_index() || self.dir_dirty) {
+        if self.durability.due_after_append(self.sync_pending()) {
             self.sync()?;
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Periodic work of the policy: under `everysec`, syncs what is pending once
+    /// the last sync is a second old. Call it every
+    /// [`Durability::tick_interval`] while the log may be idle. Returns whether
+    /// it synced.
+    pub fn tick(&mut self) -> Result<bool, BinlogError> {
+        if self.durability.due_on_tick(self.sync_pending()) {
+            self.sync()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Makes everything written durable, whatever the policy: call it before
+    /// flushing RocksDB, so the state on disk is never ahead of the log.
+    pub fn sync_before_state_flush(&mut self) -> Result<(), BinlogError> {
+        self.sync()
     }
 
     /// Drops every event after `index`, which must be a transaction boundary
@@ -809,6 +1017,8 @@ impl Binlog {
         drop(meta);
         self.next_index = cut;
         self.durable_index = self.durable_index.min(index);
+        self.last_boundary = index;
+        self.durable_boundary = self.durable_boundary.min(index);
         self.at_boundary = true;
         self.last_seq = Some(begin_seq - 1);
         tracing::info!(index, removed_segments = later.len(), "binlog truncated");
@@ -908,6 +1118,8 @@ impl Binlog {
         self.last_seq = last_seq;
         self.at_boundary = true;
         self.durable_index = next_index - 1;
+        self.last_boundary = next_index - 1;
+        self.durable_boundary = next_index - 1;
         self.dir_dirty = false;
         tracing::info!(next_index, "binlog reset");
         Ok(())

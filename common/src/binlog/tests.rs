@@ -723,6 +723,15 @@ fn corrupt_sealed_segment_is_reported() {
     assert!(matches!(r.seek(5), Err(BinlogError::Corrupt { .. })));
 }
 
+/// A log in `dir` with 1 MiB segments and `policy`.
+fn open_with_policy(dir: &Path, policy: FsyncPolicy) -> Binlog {
+    let opts = BinlogOptions {
+        segment_bytes: 1 << 20,
+        fsync: policy,
+    };
+    Binlog::open(dir, opts).unwrap().0
+}
+
 #[test]
 fn sync_policies() {
     let tmp = tempfile::tempdir().unwrap();
@@ -731,15 +740,7 @@ fn sync_policies() {
         (FsyncPolicy::Everysec, false),
         (FsyncPolicy::No, false),
     ] {
-        let dir = tmp.path().join(policy.as_str());
-        let (mut log, _) = Binlog::open(
-            &dir,
-            BinlogOptions {
-                segment_bytes: 1 << 20,
-                fsync: policy,
-            },
-        )
-        .unwrap();
+        let mut log = open_with_policy(&tmp.path().join(policy.as_str()), policy);
         fill(&mut log, 2, 1, 1);
         assert_eq!(log.sync_if_due().unwrap(), synced, "{policy}");
         assert_eq!(log.durable_index(), if synced { 6 } else { 0 }, "{policy}");
@@ -814,4 +815,181 @@ fn undecodable_records_stop_read_events() {
         (6, bad.len() as u64)
     );
     assert_eq!(read_all(&log, 1), good);
+}
+
+/// Puts a directory where the segment starting at `first` would be created, so
+/// creating it fails (as a full disk or a lack of file descriptors would).
+fn block_segment(dir: &Path, first: u64) -> PathBuf {
+    let path = dir.join(segment_name(first));
+    fs::create_dir(&path).unwrap();
+    path
+}
+
+/// Reopens the log in `dir`: recovery cuts nothing and it holds exactly `all`.
+fn reopen_intact(dir: &Path, o: BinlogOptions, all: &[u8]) -> Binlog {
+    let (log, report) = Binlog::open(dir, o).unwrap();
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(read_all(&log, 1), all);
+    log
+}
+
+/// Everything observable about the writer, to compare before and after.
+fn writer_view(log: &Binlog) -> (u64, u64, u64, Option<u64>, bool, u64, u64, usize) {
+    (
+        log.first_index(),
+        log.next_index(),
+        log.total_bytes(),
+        log.last_seq(),
+        log.at_boundary(),
+        log.last_boundary(),
+        log.durable_boundary(),
+        log.segment_count(),
+    )
+}
+
+#[test]
+fn failed_roll_leaves_the_log_at_its_last_boundary_and_appendable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("binlog");
+    let (mut log, _) = Binlog::open(&dir, opts(200)).unwrap();
+    let before_bytes = fill(&mut log, 4, 2, 40);
+    log.sync().unwrap();
+    assert_eq!(log.segment_count(), 2, "{:?}", segment_files(&dir));
+    // The tail is full: the next append rolls, and the new segment cannot be made.
+    let view = writer_view(&log);
+    let files = segment_files(&dir);
+    let first = log.next_index();
+    let obstacle = block_segment(&dir, first);
+    let (recs, last) = txn(first, 5, 2, 40);
+    let err = log.append(&recs, first, last, true).unwrap_err();
+    assert!(matches!(err, BinlogError::Io(_)), "{err}");
+    assert!(!err.is_fatal() && !err.is_out_of_resources(), "{err}");
+    assert_eq!(writer_view(&log), view);
+    assert_eq!(read_all(&log, 1), before_bytes);
+    // Appending again fails the same way and changes nothing either.
+    assert!(matches!(
+        log.append(&recs, first, last, true),
+        Err(BinlogError::Io(_))
+    ));
+    assert_eq!(writer_view(&log), view);
+
+    // The cause is gone: the same append works, and everything survives a reopen.
+    fs::remove_dir(&obstacle).unwrap();
+    assert_eq!(segment_files(&dir), files);
+    log.append(&recs, first, last, true).unwrap();
+    log.sync().unwrap();
+    assert_eq!((log.last_index(), log.last_seq()), (last, Some(5)));
+    let mut all = before_bytes;
+    all.extend_from_slice(&recs);
+    assert_eq!(read_all(&log, 1), all);
+    drop(log);
+    let log = reopen_intact(&dir, opts(200), &all);
+    assert_eq!((log.last_index(), log.last_seq()), (last, Some(5)));
+}
+
+#[test]
+fn split_append_failing_midway_undoes_its_first_part() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("binlog");
+    let (mut log, _) = Binlog::open(&dir, opts(200)).unwrap();
+    let mut all = fill(&mut log, 1, 1, 10);
+    // A transaction whose Begin and Puts fill the tail past segment_bytes,
+    // appended without its Commit (a slave's batch ending mid-transaction).
+    let first = log.next_index();
+    let (t2, t2_last) = txn(first, 2, 4, 60);
+    let cut = frames_len(&t2, 5);
+    log.append(&t2[..cut], first, t2_last - 1, false).unwrap();
+    all.extend_from_slice(&t2[..cut]);
+    log.sync().unwrap();
+    assert!(log.total_bytes() >= 200 && !log.at_boundary());
+    let view = writer_view(&log);
+    let tail_file = dir.join(segment_name(1));
+    let tail_len = fs::metadata(&tail_file).unwrap().len();
+    assert_eq!(view.5, 3, "last boundary: the first transaction's Commit");
+
+    // The rest of t2 (its Commit) and a whole t3: `append` closes the full
+    // tail at t2's Commit (first write), then rolls for t3, which fails.
+    let (t3, t3_last) = txn(t2_last + 1, 3, 1, 10);
+    let mut batch = t2[cut..].to_vec();
+    batch.extend_from_slice(&t3);
+    let obstacle = block_segment(&dir, t2_last + 1);
+    let err = log.append(&batch, t2_last, t3_last, true).unwrap_err();
+    assert!(matches!(err, BinlogError::Io(_)), "{err}");
+    assert_eq!(
+        writer_view(&log),
+        view,
+        "the Commit written first is undone"
+    );
+    assert_eq!(fs::metadata(&tail_file).unwrap().len(), tail_len);
+    assert_eq!(read_all(&log, 1), all);
+    assert_eq!(log.durable_index(), t2_last - 1);
+
+    fs::remove_dir(&obstacle).unwrap();
+    log.append(&batch, t2_last, t3_last, true).unwrap();
+    log.sync().unwrap();
+    all.extend_from_slice(&batch);
+    assert_eq!(log.segment_count(), 2);
+    assert_eq!(
+        (log.last_index(), log.last_boundary(), log.last_seq()),
+        (t3_last, t3_last, Some(3))
+    );
+    assert_eq!(read_all(&log, 1), all);
+    drop(log);
+    reopen_intact(&dir, opts(200), &all);
+}
+
+#[test]
+fn bad_second_half_of_a_split_append_is_undone_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("binlog");
+    let (mut log, _) = Binlog::open(&dir, opts(100)).unwrap();
+    let first = log.next_index();
+    let (t1, t1_last) = txn(first, 1, 3, 40);
+    let cut = frames_len(&t1, 4);
+    log.append(&t1[..cut], first, t1_last - 1, false).unwrap();
+    let view = writer_view(&log);
+    // t1's Commit, then a record claiming the wrong index.
+    let mut batch = t1[cut..].to_vec();
+    encode_record(&Event::begin(t1_last + 5, 2, 1, 7), &mut batch);
+    let err = log.append(&batch, t1_last, t1_last + 1, false).unwrap_err();
+    assert!(matches!(err, BinlogError::BadBatch { .. }), "{err}");
+    assert_eq!(writer_view(&log), view);
+    assert_eq!(read_all(&log, 1), t1[..cut].to_vec());
+}
+
+#[test]
+fn received_and_shippable_follow_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Everysec, FsyncPolicy::No] {
+        let mut log = open_with_policy(&tmp.path().join(policy.as_str()), policy);
+        fill(&mut log, 1, 1, 1); // events 1..=3
+        log.sync().unwrap();
+        fill(&mut log, 1, 1, 1); // 4..=6, written only
+        let (t3, t3_last) = txn(7, 3, 2, 1);
+        let cut = frames_len(&t3, 2);
+        log.append(&t3[..cut], 7, 8, false).unwrap(); // 7..=8, mid-transaction
+        assert_eq!((log.last_boundary(), log.durable_boundary()), (6, 3));
+        let (received, shippable) = match policy {
+            FsyncPolicy::Always => (3, 3),
+            FsyncPolicy::Everysec => (3, 8),
+            FsyncPolicy::No => (6, 8),
+        };
+        assert_eq!(log.received_index(), received, "{policy}");
+        assert_eq!(log.shippable_index(), shippable, "{policy}");
+        // An fsync in the middle of a transaction makes the last Commit durable.
+        log.sync().unwrap();
+        assert_eq!((log.durable_index(), log.durable_boundary()), (8, 6));
+        assert_eq!(log.received_index(), 6, "{policy}");
+        log.append(&t3[cut..], 9, t3_last, true).unwrap();
+        assert_eq!(log.last_boundary(), t3_last);
+        log.sync_before_state_flush().unwrap();
+        assert_eq!(log.received_index(), t3_last, "{policy}");
+        assert_eq!(log.shippable_index(), t3_last, "{policy}");
+        // Truncation and reset move both boundaries.
+        log.truncate_after(6).unwrap();
+        assert_eq!((log.last_boundary(), log.durable_boundary()), (6, 6));
+        log.reset(100, Some(50)).unwrap();
+        assert_eq!((log.last_boundary(), log.durable_boundary()), (99, 99));
+        assert_eq!(log.received_index(), 99);
+    }
 }

@@ -1,0 +1,467 @@
+//! The master's write path on a full disk, over real processes. The master's
+//! data directory is a small tmpfs, most of it taken by a filler file; a load
+//! of IncrBy counters and 32 KiB Puts fills the rest, and writes start failing
+//! with RESOURCE_EXHAUSTED while gRPC health says NOT_SERVING and `Info` says
+//! why. When the filler is removed, health and writes come back without a
+//! restart. Then the disk is filled again, with only room for the
+//! clean-shutdown marker: a SIGTERM while writes fail still exits 0 with the
+//! marker. A slave is attached throughout. At the end every acknowledged write
+//! is present exactly once on master and slave, no refused one is, both have
+//! the same Checksum, and a SIGTERM stops the master cleanly (exit 0, a restart
+//! replays nothing).
+//!
+//! Needs to mount a tmpfs (root); it says so and passes without checking
+//! anything where that is not permitted.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use support::{DEADLINE, converge, slave_counters, wait_connected, wait_until};
+use tern_common::proto::kv::v1 as kv;
+use tern_integration::workload::{LOAD_REQUEST_TIMEOUT, get};
+use tern_integration::{Node, TestDir};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const COUNTERS: usize = 16;
+const BULK_BYTES: usize = 32 << 10;
+/// Services whose health follows the write path.
+const SERVICES: [&str; 2] = ["", "tern.kv.v1.Kv"];
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(path.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed out-struct.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// Writes a file of `bytes` bytes, or (`None`) until the disk is full.
+fn fill(path: &Path, bytes: Option<u64>) -> u64 {
+    let mut f = fs::File::create(path).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        let n = match bytes {
+            Some(b) if written >= b => break,
+            Some(b) => chunk.len().min((b - written) as usize),
+            None => chunk.len(),
+        };
+        match f.write(&chunk[..n]) {
+            Ok(0) => break,
+            Ok(k) => written += k as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    written
+}
+
+/// What the clients were told, per counter key.
+#[derive(Debug)]
+struct Model {
+    acked: Vec<i128>,
+    /// RESOURCE_EXHAUSTED: must never be applied.
+    refused: Vec<i128>,
+    /// Any other error: applied at most once.
+    uncertain: Vec<i128>,
+    acked_ops: u64,
+    refused_ops: u64,
+    uncertain_ops: u64,
+    bulk_acked: u64,
+    bulk_refused: u64,
+    /// Codes and a sample message of every error, for failure messages.
+    errors: BTreeMap<String, (u64, String)>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            acked: vec![0; COUNTERS],
+            refused: vec![0; COUNTERS],
+            uncertain: vec![0; COUNTERS],
+            acked_ops: 0,
+            refused_ops: 0,
+            uncertain_ops: 0,
+            bulk_acked: 0,
+            bulk_refused: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn error(&mut self, s: &tonic::Status) {
+        let e = self
+            .errors
+            .entry(format!("{:?}", s.code()))
+            .or_insert((0, s.message().to_string()));
+        e.0 += 1;
+    }
+}
+
+fn counter_key(k: usize) -> Bytes {
+    Bytes::from(format!("c{k}"))
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `counters` clients doing IncrBy, `bulk` clients doing 32 KiB Puts.
+    fn start(url: &str, model: &Arc<Mutex<Model>>, counters: usize, bulk: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for c in 0..counters + bulk {
+            let mut kv = tern_integration::node::kv_client(tern_integration::node::channel(
+                url,
+                LOAD_REQUEST_TIMEOUT,
+            ));
+            let (model, stop) = (model.clone(), stop.clone());
+            let is_bulk = c >= counters;
+            tasks.push(tokio::spawn(async move {
+                let mut rng = StdRng::from_os_rng();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    if is_bulk {
+                        let mut value = vec![0u8; BULK_BYTES];
+                        rng.fill_bytes(&mut value);
+                        let r = kv
+                            .put(kv::PutRequest {
+                                key: Bytes::from(format!("bulk{c}-{}", n % 64)),
+                                value: Bytes::from(value),
+                            })
+                            .await;
+                        let mut m = model.lock().unwrap();
+                        match r {
+                            Ok(_) => m.bulk_acked += 1,
+                            Err(s) if s.code() == Code::ResourceExhausted => {
+                                m.bulk_refused += 1;
+                                m.error(&s);
+                            }
+                            Err(s) => m.error(&s),
+                        }
+                        continue;
+                    }
+                    let k = rng.random_range(0..COUNTERS);
+                    let delta = rng.random_range(1..=1000i64);
+                    let r = kv
+                        .incr_by(kv::IncrByRequest {
+                            key: counter_key(k),
+                            delta,
+                        })
+                        .await;
+                    let mut m = model.lock().unwrap();
+                    match r {
+                        Ok(_) => {
+                            m.acked_ops += 1;
+                            m.acked[k] += i128::from(delta);
+                        }
+                        Err(s) if s.code() == Code::ResourceExhausted => {
+                            m.refused_ops += 1;
+                            m.refused[k] += i128::from(delta);
+                            m.error(&s);
+                        }
+                        Err(s) => {
+                            m.uncertain_ops += 1;
+                            m.uncertain[k] += i128::from(delta);
+                            m.error(&s);
+                        }
+                    }
+                }
+            }));
+        }
+        Load { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+async fn health(node: &Node, service: &str) -> Result<i32, String> {
+    HealthClient::new(node.channel())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// One 32 KiB Put of random bytes.
+async fn put_bulk(node: &Node, key: &'static [u8]) -> Result<u64, tonic::Status> {
+    let mut value = vec![0u8; BULK_BYTES];
+    rand::rng().fill_bytes(&mut value);
+    let r = node
+        .kv()
+        .put(kv::PutRequest {
+            key: Bytes::from_static(key),
+            value: Bytes::from(value),
+        })
+        .await?;
+    Ok(r.into_inner().index)
+}
+
+/// A write refused because the disk is full, with the message that says so.
+fn assert_disk_full(err: &tonic::Status) {
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("binlog append failed: No space left on device")
+            && err
+                .message()
+                .contains("nothing of this write was committed"),
+        "{err:?}"
+    );
+}
+
+/// Health of every service in [`SERVICES`] is `want`.
+async fn assert_health(node: &Node, want: ServingStatus) {
+    for svc in SERVICES {
+        assert_eq!(
+            health(node, svc).await,
+            Ok(want as i32),
+            "health of {svc:?}"
+        );
+    }
+}
+
+/// Every counter on `node` against the model: exactly the acknowledged sum
+/// where no answer was uncertain (so no refused delta is in it), else within
+/// [acked, acked + uncertain]. Returns how many keys had refused deltas and
+/// were checked exactly.
+async fn check_counters(what: &str, node: &Node, m: &Model) -> usize {
+    let mut kv = node.kv();
+    let mut exact_with_refused = 0;
+    for k in 0..COUNTERS {
+        let v = get(&mut kv, &counter_key(k)).await.unwrap();
+        let value: i128 = v.map_or(0, |b| std::str::from_utf8(&b).unwrap().parse().unwrap());
+        let (acked, refused, unc) = (m.acked[k], m.refused[k], m.uncertain[k]);
+        if unc == 0 {
+            assert_eq!(
+                value, acked,
+                "{what}: c{k} = {value}, acknowledged sum {acked}, refused sum {refused}"
+            );
+            if refused > 0 {
+                exact_with_refused += 1;
+            }
+        } else {
+            assert!(
+                acked <= value && value <= acked + unc,
+                "{what}: c{k} = {value} outside [acked {acked}, acked + uncertain {}]",
+                acked + unc
+            );
+        }
+    }
+    exact_with_refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_writes_cleanly_and_they_resume_when_space_returns() {
+    let dir = TestDir::new("write-path-faults");
+    let master_dir = dir.join("master");
+    // Declared before the nodes: dropped (unmounted) after they are killed.
+    let _tmpfs = match Tmpfs::mount(&master_dir, "48m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED full_disk_fails_writes_cleanly_and_they_resume_when_space_returns: \
+                 cannot mount a tmpfs ({e}); this test needs root"
+            );
+            return;
+        }
+    };
+    let env = [
+        ("TERN__BINLOG__FSYNC", "always"),
+        ("TERN__BINLOG__SEGMENT_BYTES", "1048576"),
+    ];
+    let mut master = Node::start_master(&master_dir, &env, &[]).await.unwrap();
+    let slave = support::start_slave(&dir, "slave", &master, &[]).await;
+    wait_connected(&slave, 1).await;
+    assert_health(&master, ServingStatus::Serving).await;
+    let info = master.info().await.unwrap();
+    assert!(info.writable && info.write_error.is_empty(), "{info:?}");
+
+    // Leave about 6 MiB free, then write until that is gone too.
+    let filler = master_dir.join("filler");
+    fill(
+        &filler,
+        Some(free_bytes(&master_dir).saturating_sub(6 << 20)),
+    );
+    let model = Arc::new(Mutex::new(Model::new()));
+    let load = Load::start(&master.url(), &model, 3, 2);
+    wait_until(
+        "writes refused with RESOURCE_EXHAUSTED",
+        DEADLINE,
+        || async {
+            let m = model.lock().unwrap();
+            if m.refused_ops >= 10 && m.bulk_refused >= 10 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{m:?}"))
+            }
+        },
+    )
+    .await;
+    load.stop().await;
+
+    // The last of the space too: now nothing (not even the master's idle
+    // probe) can write, and a write that needs disk space is refused.
+    let rest = master_dir.join("filler-rest");
+    fill(&rest, None);
+    let err = put_bulk(&master, b"bulk-full").await.unwrap_err();
+    assert_disk_full(&err);
+    assert_health(&master, ServingStatus::NotServing).await;
+    let info = master.info().await.unwrap();
+    assert!(!info.writable, "{info:?}");
+    assert!(
+        info.write_error.contains("No space left on device"),
+        "{:?}",
+        info.write_error
+    );
+    let write_errors = info.counters.unwrap_or_default().write_errors;
+    {
+        let m = model.lock().unwrap();
+        assert!(
+            write_errors >= 1 && write_errors >= m.refused_ops.min(1),
+            "write_errors {write_errors}, {m:?}"
+        );
+        eprintln!("while full: {m:?}; Info.write_error {:?}", info.write_error);
+    }
+    // What was committed is whole: the master applied its whole binlog.
+    assert_eq!(info.applied_index, info.last_index, "{info:?}");
+
+    // Space comes back: health and writes return without a restart.
+    fs::remove_file(&rest).unwrap();
+    fs::remove_file(&filler).unwrap();
+    wait_until("the master to report SERVING again", DEADLINE, || async {
+        let h = health(&master, "").await?;
+        let i = master.info().await.map_err(|e| format!("{e:#}"))?;
+        if h == ServingStatus::Serving as i32 && i.writable && i.write_error.is_empty() {
+            Ok(Some(()))
+        } else {
+            Err(format!(
+                "health {h}, writable {}, {:?}",
+                i.writable, i.write_error
+            ))
+        }
+    })
+    .await;
+    let (acked_before, refused_before) = {
+        let m = model.lock().unwrap();
+        (m.acked_ops, m.refused_ops)
+    };
+    let load = Load::start(&master.url(), &model, 3, 0);
+    wait_until("writes acknowledged again", DEADLINE, || async {
+        let m = model.lock().unwrap();
+        if m.acked_ops >= acked_before + 300 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{m:?}"))
+        }
+    })
+    .await;
+    load.stop().await;
+
+    // Full again, with just enough room left for the clean-shutdown marker: a
+    // SIGTERM while writes fail still stops cleanly.
+    fill(
+        &rest,
+        Some(free_bytes(&master_dir).saturating_sub(16 << 10)),
+    );
+    assert_disk_full(&put_bulk(&master, b"bulk-full").await.unwrap_err());
+    assert_health(&master, ServingStatus::NotServing).await;
+    let last = master.info().await.unwrap().last_index;
+    let status = master.sigterm_and_wait().await.unwrap();
+    assert!(
+        status.success(),
+        "exit status {status} of a SIGTERM while the disk is full"
+    );
+    assert!(master_dir.join("CLEAN_SHUTDOWN").exists());
+    fs::remove_file(&rest).unwrap();
+    let info = master.restart().await.unwrap();
+    assert_eq!(info.last_index, last, "{info:?}");
+    eprintln!(
+        "restart after a SIGTERM on a full disk replayed {} events",
+        info.replayed_on_start
+    );
+
+    let m = Arc::try_unwrap(model).unwrap().into_inner().unwrap();
+    assert_eq!(
+        m.refused_ops, refused_before,
+        "no write refused once there is space: {m:?}"
+    );
+    eprintln!("final model: {m:?}");
+
+    // Every acknowledged write exactly once on both nodes, no refused one.
+    let target = converge(&master, &[&slave]).await;
+    let mc = master.checksum().await.unwrap();
+    let sc = slave.checksum().await.unwrap();
+    assert_eq!(mc.index, target);
+    assert_eq!(mc, sc, "master and slave Checksums");
+    let exact = check_counters("master", &master, &m).await;
+    assert_eq!(check_counters("slave", &slave, &m).await, exact);
+    assert!(
+        exact >= 1,
+        "no counter with refused writes could be checked exactly (every one had an uncertain \
+         answer): {m:?}"
+    );
+    let si = slave.info().await.unwrap();
+    assert_eq!(slave_counters(&si).duplicates_skipped, 0);
+
+    // A clean stop after all that: exit 0, the marker, nothing replayed.
+    let status = master.sigterm_and_wait().await.unwrap();
+    assert!(status.success(), "master exit status {status}");
+    assert!(master_dir.join("CLEAN_SHUTDOWN").exists());
+    let info = master.restart().await.unwrap();
+    assert_eq!(info.replayed_on_start, 0, "{info:?}");
+    assert_eq!(info.last_index, target);
+    check_counters("master after restart", &master, &m).await;
+}
