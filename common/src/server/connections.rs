@@ -13,6 +13,8 @@
 //!   is finished or dropped); a connection with none for `server.idle_timeout_ms`
 //!   reads end-of-file, so hyper closes it. Nothing is in flight on it, so no
 //!   request is cut.
+//! - **Shutdown.** Once the shutdown token is cancelled, a connection with
+//!   nothing in flight for [`SHUTDOWN_IDLE`] is closed the same way.
 //! - **Hard stop.** Each connection's I/O fails once the server's stop token is
 //!   cancelled: hyper then ends the connection and every stream on it, even a
 //!   stream whose client stopped reading (which a graceful HTTP/2 shutdown
@@ -44,6 +46,10 @@ pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// a vanished peer is noticed within `tcp_keepalive` + 30 s.
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Once the server shuts down, a connection with nothing in flight for this
+/// long is closed (its last answers had that long to be flushed): idle clients
+/// and clients that never finished the HTTP/2 handshake do not hold a stop up.
+pub const SHUTDOWN_IDLE: Duration = Duration::from_millis(500);
 /// Warnings about the connection limit or failing accepts: at most one per this.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -150,6 +156,8 @@ pub struct Conn {
     stream: TcpStream,
     info: ConnInfo,
     idle: Option<IdleTimer>,
+    /// `None` once the server shuts down (then `idle` is [`SHUTDOWN_IDLE`]).
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     closing: Closing,
     stats: Arc<ConnectionStats>,
@@ -168,6 +176,7 @@ impl Conn {
         stream: TcpStream,
         slot: OwnedSemaphorePermit,
         idle_timeout: Option<Duration>,
+        shutdown: &CancellationToken,
         stop: &CancellationToken,
         stats: Arc<ConnectionStats>,
     ) -> Conn {
@@ -187,6 +196,7 @@ impl Conn {
                 timeout,
                 timer: Box::pin(tokio::time::sleep(timeout)),
             }),
+            shutdown: Some(Box::pin(shutdown.clone().cancelled_owned())),
             stop: Box::pin(stop.clone().cancelled_owned()),
             closing: Closing::Open,
             stats,
@@ -195,7 +205,8 @@ impl Conn {
     }
 
     /// `Some` when the connection must not be read any more: end-of-file
-    /// (idle) or an error (hard stop). Registers the waker for both.
+    /// (idle) or an error (hard stop). Registers the waker for all three
+    /// (idle timer, shutdown, hard stop).
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Option<io::Result<()>> {
         match self.closing {
             Closing::Idle => return Some(Ok(())),
@@ -206,6 +217,19 @@ impl Conn {
             self.closing = Closing::Aborted;
             self.stats.aborted.fetch_add(1, Ordering::Relaxed);
             return Some(Err(aborted()));
+        }
+        if let Some(shutdown) = &mut self.shutdown
+            && shutdown.as_mut().poll(cx).is_ready()
+        {
+            self.shutdown = None;
+            let timeout = self
+                .idle
+                .as_ref()
+                .map_or(SHUTDOWN_IDLE, |i| i.timeout.min(SHUTDOWN_IDLE));
+            self.idle = Some(IdleTimer {
+                timeout,
+                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            });
         }
         let idle = self.idle.as_mut()?;
         while idle.timer.as_mut().poll(cx).is_ready() {
@@ -556,6 +580,7 @@ async fn accept_loop(mut incoming: TcpIncoming, opts: AcceptOptions, tx: mpsc::S
             stream,
             slot,
             opts.idle_timeout,
+            &opts.shutdown,
             &opts.stop,
             opts.stats.clone(),
         );
