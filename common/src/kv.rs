@@ -2,11 +2,16 @@
 //!
 //! Reads (`Get`, `Scan`) are served from the local RocksDB; with `min_index` they
 //! first wait, at most `wait_ms`, until the applied index reaches it, so a client
-//! can read its own master write from a slave. Writes are validated here (sizes,
-//! empty keys) and handed to a [`Writer`]; a node without one (a slave) answers
+//! can read its own master write from a slave. A slave also has a [`ReadFloor`]:
+//! the oldest state it may serve, because it served one that new before a crash
+//! or a relay log repair; reads wait for it like they wait for `min_index` and
+//! are refused with UNAVAILABLE if it is not reached in time, so reads on one
+//! slave never go back in time. Writes are validated here (sizes, empty keys)
+//! and handed to a [`Writer`]; a node without one (a slave) answers
 //! FAILED_PRECONDITION "read-only replica".
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +24,8 @@ use crate::state::State;
 
 /// Longest `wait_ms` honoured for a `min_index` read.
 pub const MAX_WAIT_MS: u32 = 60_000;
+/// How long a read below the [`ReadFloor`] waits when its request says `wait_ms = 0`.
+pub const FLOOR_WAIT_MS: u32 = 1000;
 /// `Scan` limit when the request says 0, and the most it may ask for.
 pub const DEFAULT_SCAN_LIMIT: u32 = 1000;
 pub const MAX_SCAN_LIMIT: u32 = 100_000;
@@ -54,10 +61,33 @@ pub trait Writer: Send + Sync + 'static {
     async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status>;
 }
 
+/// The oldest state a replica may serve: reads wait until the applied index
+/// reaches `index` and are refused (UNAVAILABLE, counted in `refused`) when it
+/// does not in time. A replica sets it to the highest state it may have served
+/// before its log lost events (see tern-slave's `floor` module).
+#[derive(Clone, Debug, Default)]
+pub struct ReadFloor {
+    pub index: u64,
+    pub refused: Arc<AtomicU64>,
+}
+
+impl ReadFloor {
+    /// Why reads are refused at `applied`; `None` when they are served.
+    pub fn blocked(&self, applied: u64) -> Option<String> {
+        (applied < self.index).then(|| {
+            format!(
+                "replica is catching up to the state it already served: applied {applied} < {}",
+                self.index
+            )
+        })
+    }
+}
+
 pub struct KvService {
     state: State,
     applied: watch::Receiver<u64>,
     writer: Option<Arc<dyn Writer>>,
+    floor: Option<ReadFloor>,
 }
 
 impl KvService {
@@ -71,7 +101,14 @@ impl KvService {
             state,
             applied,
             writer,
+            floor: None,
         }
+    }
+
+    /// Serves reads only at or above `floor` (a replica).
+    pub fn with_read_floor(mut self, floor: ReadFloor) -> KvService {
+        self.floor = Some(floor);
+        self
     }
 
     pub fn into_server(self) -> pb::kv_server::KvServer<KvService> {
@@ -89,20 +126,40 @@ impl KvService {
         w.write(ops).await
     }
 
+    /// Waits, at most `wait_ms`, until the applied index reaches both
+    /// `min_index` and the read floor. A read still below the floor is refused
+    /// with UNAVAILABLE (it waits [`FLOOR_WAIT_MS`] when `wait_ms` is 0); one
+    /// below `min_index` only is OUT_OF_RANGE.
     async fn wait_applied(&self, min_index: u64, wait_ms: u32) -> Result<(), Status> {
-        if min_index == 0 || *self.applied.borrow() >= min_index {
+        let floor = self.floor.as_ref().map_or(0, |f| f.index);
+        let target = min_index.max(floor);
+        let applied = *self.applied.borrow();
+        if applied >= target {
             return Ok(());
         }
+        let wait_ms = if applied < floor && wait_ms == 0 {
+            FLOOR_WAIT_MS
+        } else {
+            wait_ms
+        };
         let wait = Duration::from_millis(wait_ms.min(MAX_WAIT_MS) as u64);
         let mut rx = self.applied.clone();
-        match tokio::time::timeout(wait, rx.wait_for(|a| *a >= min_index)).await {
+        match tokio::time::timeout(wait, rx.wait_for(|a| *a >= target)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Status::unavailable("node is shutting down")),
-            Err(_) => Err(Status::out_of_range(format!(
-                "applied index {} has not reached min_index {min_index} within {}ms",
-                *self.applied.borrow(),
-                wait.as_millis()
-            ))),
+            Err(_) => {
+                let applied = *self.applied.borrow();
+                if let Some(f) = &self.floor
+                    && let Some(why) = f.blocked(applied)
+                {
+                    f.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Status::unavailable(why));
+                }
+                Err(Status::out_of_range(format!(
+                    "applied index {applied} has not reached min_index {min_index} within {}ms",
+                    wait.as_millis()
+                )))
+            }
         }
     }
 }
@@ -322,5 +379,79 @@ impl pb::kv_server::Kv for KvService {
             index,
             more,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::kv::v1::kv_server::Kv;
+    use crate::state::GroupBatch;
+
+    fn get(key: &str, min_index: u64, wait_ms: u32) -> Request<pb::GetRequest> {
+        Request::new(pb::GetRequest {
+            key: Bytes::from(key.to_string()),
+            min_index,
+            wait_ms,
+        })
+    }
+
+    #[tokio::test]
+    async fn reads_below_the_floor_wait_then_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let mut g = GroupBatch::default();
+        g.put(b"k", b"1");
+        state.apply(g, 4, 1).unwrap();
+        let (applied_tx, applied) = watch::channel(4u64);
+        let floor = ReadFloor {
+            index: 9,
+            ..Default::default()
+        };
+        let kv = KvService::new(state.clone(), applied, None).with_read_floor(floor.clone());
+        let refused = |s: Status| {
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+            assert_eq!(
+                s.message(),
+                "replica is catching up to the state it already served: applied 4 < 9"
+            );
+        };
+        refused(kv.get(get("k", 0, 1)).await.unwrap_err());
+        refused(
+            kv.scan(Request::new(pb::ScanRequest {
+                wait_ms: 1,
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err(),
+        );
+        // min_index below the floor does not let a read through either.
+        refused(kv.get(get("k", 2, 1)).await.unwrap_err());
+        assert_eq!(floor.refused.load(Ordering::Relaxed), 3);
+        assert!(floor.blocked(4).is_some());
+        // A read waiting when the floor is reached is served at it.
+        let waiting = tokio::spawn(async move { kv.get(get("k", 0, MAX_WAIT_MS)).await });
+        let mut g = GroupBatch::default();
+        g.put(b"k", b"2");
+        state.apply(g, 9, 2).unwrap();
+        applied_tx.send_replace(9);
+        let r = waiting.await.unwrap().unwrap().into_inner();
+        assert_eq!((r.found, r.value.as_ref(), r.index), (true, &b"2"[..], 9));
+        assert_eq!(floor.refused.load(Ordering::Relaxed), 3);
+        assert_eq!(floor.blocked(9), None);
+    }
+
+    #[tokio::test]
+    async fn above_the_floor_min_index_keeps_out_of_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let (_applied_tx, applied) = watch::channel(0u64);
+        let floor = ReadFloor::default();
+        let kv = KvService::new(state, applied, None).with_read_floor(floor.clone());
+        let r = kv.get(get("k", 0, 0)).await.unwrap().into_inner();
+        assert_eq!((r.found, r.index), (false, 0));
+        let s = kv.get(get("k", 5, 1)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
+        assert_eq!(floor.refused.load(Ordering::Relaxed), 0);
     }
 }

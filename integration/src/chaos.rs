@@ -17,8 +17,9 @@
 //!   had for that key at that index or later (from the master's binlog: the
 //!   index a read reports is a lower bound, the slave loads it before reading
 //!   the key), never beyond the master's last index; and on one slave neither
-//!   the values of a counter nor the indexes go backwards (until its data is
-//!   wiped).
+//!   the values of a counter nor the indexes go backwards, across crashes and
+//!   relay damage (the slave's read floor); only a wipe of its data directory
+//!   starts a new read epoch: that makes it a brand-new slave.
 //!
 //! Any failed check is a **divergence** in the [`RunReport`]; things the run
 //! saw but cannot judge (how a slave reacted to a corrupted relay record) are
@@ -309,7 +310,9 @@ pub struct ChaosConfig {
 struct SlaveRt {
     node: Node,
     proxy: Proxy,
-    /// Bumped when the slave's data is wiped (its reads may then restart from 0).
+    /// Read epoch: bumped only when the slave's data directory is wiped, which
+    /// makes it a brand-new slave (its reads may then restart from 0). Crashes
+    /// and relay damage keep the epoch: reads must never go back across them.
     epoch: Arc<AtomicU64>,
     /// duplicates_skipped of its earlier processes.
     dups: u64,
@@ -581,6 +584,7 @@ async fn inject(
             let s = &mut slaves[slave];
             note_dups(s).await;
             s.node.sigkill()?;
+            // A wiped data directory is a brand-new slave: a new read epoch.
             s.epoch.fetch_add(1, Ordering::SeqCst);
             std::fs::remove_dir_all(&s.node.data_dir)
                 .with_context(|| format!("wiping {}", s.node.data_dir.display()))?;
@@ -607,9 +611,8 @@ async fn inject(
             note_dups(s).await;
             s.node.sigkill()?;
             // The test destroys bytes that were durable (and applied): the
-            // slave may come back at an older state, so its reads start a new
-            // monotonic epoch (see `note_regression`).
-            s.epoch.fetch_add(1, Ordering::SeqCst);
+            // slave may come back at an older state, but must not serve it
+            // (same read epoch; see `note_regression`).
             let damaged = damage_tail(&s.node.data_dir, bad_crc)?;
             if damaged.is_none() {
                 report
@@ -628,15 +631,16 @@ async fn inject(
 
 /// Records (as an observation) a slave that came back from relay damage at an
 /// older applied index than it had served before: it then re-fetches from the
-/// master, but its reads went back meanwhile. Its RocksDB runs without a WAL,
-/// so its durable state can be far behind what it applied, and the relay log
-/// is what rebuilds it at start.
+/// master, and its read floor refuses reads until it is back (the checker
+/// counts any read that went back as a divergence). Its RocksDB runs without a
+/// WAL, so its durable state can be far behind what it applied, and the relay
+/// log is what rebuilds it at start.
 fn note_regression(report: &mut RunReport, slave: usize, kind: &str, before: u64, after: u64) {
     if after < before {
         report.observations.push(format!(
             "slave {slave}: after \"{kind}\" it restarted at applied index {after}, behind \
-             the {before} it had served before the kill ({} events back; re-fetched from \
-             the master)",
+             the {before} it had applied before the kill ({} events back; re-fetched from \
+             the master before serving reads again)",
             before - after
         ));
     }
@@ -722,8 +726,8 @@ async fn corrupt_middle(
     note_dups(s).await;
     s.node.sigkill()?;
     let applied = before.as_ref().map_or(0, |i| i.applied_index);
-    // Durable bytes are destroyed: a new monotonic epoch (see RelayTornTail).
-    s.epoch.fetch_add(1, Ordering::SeqCst);
+    // Durable bytes are destroyed, but reads stay in the same epoch (see
+    // RelayTornTail).
     let Some((path, index)) = corrupt_middle_record(&s.node.data_dir, oldest)? else {
         report.observations.push(format!(
             "slave {i}: relay corrupt-middle skipped: no sealed segment yet"
@@ -777,6 +781,7 @@ async fn corrupt_middle(
     } else {
         what.push_str("; wiped it to recover by full sync");
         s.node.sigkill().ok();
+        // A wiped data directory is a brand-new slave: a new read epoch.
         s.epoch.fetch_add(1, Ordering::SeqCst);
         std::fs::remove_dir_all(&s.node.data_dir)?;
         s.corrupt_relay = None;
@@ -1046,6 +1051,9 @@ async fn check(
     let (hist_first, hist) = counter_history(&master.data_dir)?;
     for (n, ss) in samples.iter().enumerate() {
         let mut last: HashMap<(u64, usize), (i128, u64)> = HashMap::new();
+        // Highest index served per epoch: one client reading one slave in
+        // sequence never sees an older state, whatever the key.
+        let mut served: HashMap<u64, u64> = HashMap::new();
         let mut bad = 0;
         for smp in ss {
             report.reads_checked += 1;
@@ -1093,6 +1101,14 @@ async fn check(
                 ));
             }
             last.insert((smp.epoch, smp.key), (smp.value, smp.index));
+            let high = served.entry(smp.epoch).or_default();
+            if smp.index < *high && problem.is_none() {
+                problem = Some(format!(
+                    "read c{} at index {} after a read at index {high}: reads went backwards",
+                    smp.key, smp.index
+                ));
+            }
+            *high = (*high).max(smp.index);
             if let Some(p) = problem {
                 bad += 1;
                 if bad <= 5 {

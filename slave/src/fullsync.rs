@@ -13,6 +13,7 @@
 //! after the snapshot index, then `db` is replaced by the staged files, each
 //! step a rename that is redone or skipped idempotently after a crash, so a
 //! crash at any point leaves either the old state (no `READY`) or the new one.
+//! Before the old relay log goes, the read floor is set (see [`crate::floor`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -23,9 +24,13 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tern_common::binlog::{Binlog, BinlogOptions};
+use tern_common::position::ReplId;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::proto::replication::v1::replication_client::ReplicationClient;
+use tern_common::state::read_checkpoint_meta;
 use tonic::transport::Channel;
+
+use crate::floor::{self, FloorError};
 
 const STAGING: &str = "fullsync";
 const HEADER: &str = "HEADER.pb";
@@ -44,6 +49,8 @@ pub enum FullSyncError {
     Gone(String),
     #[error("relay log: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Floor(#[from] FloorError),
 }
 
 /// Progress shown in `Info.full_sync`.
@@ -366,6 +373,34 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     fsync_dir(dir)
 }
 
+/// Sets the read floor for a snapshot about to replace the state (see
+/// [`crate::floor`]): in the history the slave already follows, it is raised to
+/// what the old relay log received (the snapshot may be older than a state this
+/// slave served: reads then wait until it has caught up past it); a snapshot of
+/// another history starts the floor over in that history.
+pub(crate) fn floor_before_swap(
+    data_dir: &Path,
+    db: &Path,
+    relay: &Path,
+    h: &pb::DbSyncHeader,
+) -> Result<(), FullSyncError> {
+    let new_history = h.repl_id.parse::<ReplId>().ok();
+    let old_history = match read_checkpoint_meta(db) {
+        Ok(meta) => meta.repl_id,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the history of the state being replaced");
+            None
+        }
+    }
+    .or(floor::load(data_dir)?.and_then(|f| f.repl_id));
+    if old_history.is_some() && old_history != new_history {
+        floor::reset(data_dir, new_history)?;
+    } else {
+        floor::raise(data_dir, new_history, floor::relay_extent(relay)?)?;
+    }
+    Ok(())
+}
+
 /// Completes a staged full sync, if one is `READY`: the relay log is replaced by
 /// an empty one continuing after the snapshot index, and `db` by the snapshot.
 /// Idempotent; must run while neither RocksDB nor the relay log is open.
@@ -399,6 +434,11 @@ pub fn apply_staged(
         return Ok(None);
     };
     tracing::info!(snapshot_id = %h.snapshot_id, index = h.index, "installing full sync snapshot");
+    // 0. The read floor, before the relay log goes (first attempt only: later
+    // ones find it moved to binlog.old, and the floor already set).
+    if relay.exists() && !relay_old.exists() {
+        floor_before_swap(data_dir, &db, &relay, &h)?;
+    }
     // 1. Relay log: a new, empty one that continues after the snapshot.
     if relay.exists() && !relay_old.exists() {
         fs::rename(&relay, &relay_old)?;

@@ -4,9 +4,11 @@
 //! - [`link`]: connection state machine, reconnect barrier (I4), receiver (I3).
 //! - [`applier`]: relay log → scheduler → prepare workers → ordered committer (I5).
 //! - [`fullsync`]: DbSync download (verified, resumable) and the crash-safe swap.
+//! - [`floor`]: the read floor: reads never go back to a state older than one served.
 //! - [`node`]: data directory, start-up recovery, services and [`run`].
 
 pub mod applier;
+pub mod floor;
 pub mod fullsync;
 pub mod link;
 pub mod node;

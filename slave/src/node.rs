@@ -3,19 +3,20 @@
 //!
 //! Layout of `data_dir`: `db/` (RocksDB: data + applied index + the master's repl
 //! id), `binlog/` (the relay log), `SLAVE_ID` (this slave's stable id),
-//! `CLEAN_SHUTDOWN` (written last on a clean stop). Start-up truncates a partial
+//! `CLEAN_SHUTDOWN` (written last on a clean stop), `READ_FLOOR` (the oldest
+//! state it may serve, see [`crate::floor`]). Start-up truncates a partial
 //! transaction at the relay tail and replays the relay log after the applied
 //! index; after a clean stop that replays nothing (I6).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogError, BinlogOptions};
 use tern_common::config::Config;
-use tern_common::kv::KvService;
+use tern_common::kv::{KvService, ReadFloor};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::replay::ReplayError;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
+use crate::floor;
 use crate::fullsync;
 use crate::link::{Link, LinkExit, LinkStatus};
 
@@ -36,6 +38,7 @@ struct SlaveInfo {
     replayed_on_start: u64,
     state: State,
     fsync: String,
+    read_floor: ReadFloor,
 }
 
 impl InfoSource for SlaveInfo {
@@ -54,6 +57,11 @@ impl InfoSource for SlaveInfo {
             fsync: self.fsync.clone(),
             binlog_bytes: s.relay_bytes.load(Ordering::Acquire),
             version: env!("CARGO_PKG_VERSION").into(),
+            read_floor: self.read_floor.index,
+            reads_blocked: self
+                .read_floor
+                .blocked(*self.applied.borrow())
+                .unwrap_or_default(),
             link: Some(admin::LinkInfo {
                 state: link.state.as_str().into(),
                 master: self.master.clone(),
@@ -73,6 +81,7 @@ impl InfoSource for SlaveInfo {
                 duplicates_skipped: s.duplicates_skipped.load(Ordering::Relaxed),
                 stale_messages: s.stale_messages.load(Ordering::Relaxed),
                 reconnects: s.reconnects.load(Ordering::Relaxed),
+                reads_refused: self.read_floor.refused.load(Ordering::Relaxed),
                 ..Default::default()
             }),
             ..Default::default()
@@ -112,9 +121,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let listener = listener.into_std()?;
     let status = LinkStatus::new(None);
+    let reads_refused = Arc::new(AtomicU64::new(0));
     loop {
         let l = TcpListener::from_std(listener.try_clone()?)?;
-        match run_once(l, &cfg, &status, &shutdown).await? {
+        match run_once(l, &cfg, &status, &reads_refused, &shutdown).await? {
             LinkExit::Shutdown => return Ok(()),
             LinkExit::FullSyncStaged(staged) => {
                 tracing::info!(
@@ -147,11 +157,33 @@ struct Opened {
     replayed_on_start: u64,
     slave_id: String,
     clean: bool,
+    /// Reads are served at or above this applied index ([`crate::floor`]).
+    read_floor: u64,
+}
+
+/// Starts the relay log over after the state's applied index (it is damaged, or
+/// does not continue the state). Every cut of the relay log keeps two promises:
+/// RocksDB durably holds what the relay log no longer has (flush first: its WAL
+/// is off, and replay may have applied events only to memory), and the read
+/// floor covers what the relay log had received.
+fn restart_relay_after_state(
+    relay: &mut Binlog,
+    state: &State,
+    dir: &Path,
+    repl_id: Option<tern_common::position::ReplId>,
+) -> anyhow::Result<u64> {
+    state
+        .flush()
+        .context("flushing RocksDB before cutting the relay log")?;
+    let floor = floor::raise(dir, repl_id, relay.last_index())?;
+    relay.reset(state.applied_index() + 1, Some(state.last_seq()))?;
+    Ok(floor.index)
 }
 
 /// Installs a staged full sync if one is ready, opens RocksDB and the relay log
 /// (truncating a partial transaction at its tail) and replays the relay log
-/// after the applied index.
+/// after the applied index. Raises the read floor over everything the relay
+/// log held before anything of it is cut.
 fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     let dir = &cfg.server.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -165,13 +197,22 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
     let relay_dir = dir.join("binlog");
+    // Opening the relay log truncates a damaged tail, possibly below what was
+    // received and served: the floor covers it first.
+    let repl_id = state.repl_id()?;
+    let mut read_floor = floor::raise(
+        dir,
+        repl_id,
+        floor::relay_extent(&relay_dir)?.max(state.applied_index()),
+    )?
+    .index;
     let (mut relay, report) = match Binlog::open(&relay_dir, binlog_options(cfg)) {
         Err(e @ (BinlogError::Corrupt { .. } | BinlogError::Structure { .. })) => {
             // Only the master's copy matters: start the relay log over after the state.
             tracing::error!(error = %e, "relay log cannot be recovered; discarding it");
             std::fs::remove_dir_all(&relay_dir)?;
             let (mut relay, report) = Binlog::open(&relay_dir, binlog_options(cfg))?;
-            relay.reset(state.applied_index() + 1, Some(state.last_seq()))?;
+            read_floor = restart_relay_after_state(&mut relay, &state, dir, repl_id)?;
             (relay, report)
         }
         r => r.with_context(|| format!("opening relay log in {}", relay_dir.display()))?,
@@ -194,7 +235,7 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
             relay_last = relay.last_index(),
             "relay log does not continue the state; starting it after the applied index"
         );
-        relay.reset(applied + 1, Some(state.last_seq()))?;
+        read_floor = restart_relay_after_state(&mut relay, &state, dir, repl_id)?;
     }
     let replayed_on_start = match tern_common::replay::replay(&relay, &state) {
         Ok(n) => n,
@@ -207,7 +248,7 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
             // applied index is dropped and fetched again; bad bytes are never applied.
             let applied = state.applied_index();
             tracing::error!(error = %e, applied, "relay log is corrupt after the applied index; discarding it from there");
-            relay.reset(applied + 1, Some(state.last_seq()))?;
+            read_floor = restart_relay_after_state(&mut relay, &state, dir, repl_id)?;
             tern_common::replay::replay(&relay, &state)?
         }
         Err(e) => return Err(e.into()),
@@ -219,12 +260,20 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
             "replayed relay log after the applied index"
         );
     }
+    if state.applied_index() < read_floor {
+        tracing::warn!(
+            read_floor,
+            applied = state.applied_index(),
+            "this slave served a newer state before: reads are refused until it is back there"
+        );
+    }
     Ok(Opened {
         state,
         relay,
         replayed_on_start,
         slave_id,
         clean,
+        read_floor,
     })
 }
 
@@ -232,6 +281,7 @@ async fn run_once(
     listener: TcpListener,
     cfg: &Config,
     status: &Arc<LinkStatus>,
+    reads_refused: &Arc<AtomicU64>,
     outer: &CancellationToken,
 ) -> anyhow::Result<LinkExit> {
     let dir = cfg.server.data_dir.clone();
@@ -242,6 +292,7 @@ async fn run_once(
         replayed_on_start,
         slave_id,
         clean,
+        read_floor,
     } = tokio::task::spawn_blocking(move || open_data_dir(&cfg2)).await??;
     // This incarnation stops on shutdown, or when the link staged a full sync.
     let shutdown = outer.child_token();
@@ -286,8 +337,14 @@ async fn run_once(
         clean_shutdown = clean,
         "tern-slave serving"
     );
-    let kv = KvService::new(state.clone(), applier.applied.clone(), None);
+    let read_floor = ReadFloor {
+        index: read_floor,
+        refused: reads_refused.clone(),
+    };
+    let kv = KvService::new(state.clone(), applier.applied.clone(), None)
+        .with_read_floor(read_floor.clone());
     let info = Arc::new(SlaveInfo {
+        read_floor,
         status: status.clone(),
         master: cfg.slave.master.clone(),
         received: received_rx,
