@@ -132,7 +132,9 @@ async fn master_stops_within_the_bound_despite_clients_that_never_read() {
     let work = Workload::new(8, 4);
     let load = work.start_load(&master.url(), 4);
     wait_more_acked(&load, 100).await;
+    let signalled = std::time::Instant::now();
     let status = master.sigterm_and_wait().await.unwrap();
+    eprintln!("master exited {:?} after SIGTERM", signalled.elapsed());
     assert!(status.success(), "master exit status {status}");
     let stats = load.stop().await;
     assert!(
@@ -195,7 +197,9 @@ async fn slave_stops_within_the_bound_despite_a_long_min_index_read() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!held.is_finished(), "the min_index read returned early");
 
+    let signalled = std::time::Instant::now();
     let status = slave.sigterm_and_wait().await.unwrap();
+    eprintln!("slave exited {:?} after SIGTERM", signalled.elapsed());
     assert!(status.success(), "slave exit status {status}");
     let read = tokio::time::timeout(REQUEST_TIMEOUT, held)
         .await
