@@ -41,7 +41,13 @@
 //!   (executing them against a state missing a committed group would be
 //!   wrong), and before each group and once a second the committer replays the
 //!   binlog after the applied index, as start-up recovery does. When that
-//!   succeeds the held clients get their answers and writes resume.
+//!   succeeds the held clients get their answers and writes resume. RocksDB
+//!   keeps some errors for good (a background flush that failed on a full disk
+//!   fails every later write, even once there is space, and its C API cannot
+//!   resume), so after [`STATE_RETRY_FOR`] of failures the write path fails for
+//!   good: the held clients get [`WriteError::Unknown`], the binlog (which is
+//!   fine) is fsynced, and the node exits non-zero; start-up recovery replays
+//!   the binlog into a freshly opened RocksDB.
 //!
 //! The committer also owns binlog **retention** (it owns the [`Binlog`]): at
 //! most every [`RETENTION_INTERVAL`], after a group or when idle, it works out
@@ -106,6 +112,9 @@ pub enum WriteError {
          is stopping"
     )]
     Failed(String),
+    /// The write is in the binlog but could not be applied; the master stops.
+    #[error("{0}; the outcome of this write is unknown")]
+    Unknown(String),
     /// A committed group is not in RocksDB yet: no new write runs until it is.
     #[error(
         "the state is behind the binlog after a RocksDB write failure ({0}); nothing of this \
@@ -290,6 +299,7 @@ pub fn spawn(
         pins,
         last_retention: Instant::now(),
         failed: None,
+        binlog_failed: false,
         behind: None,
         last_attempt: Instant::now(),
     };
@@ -310,8 +320,10 @@ struct Committer {
     retention: Policy,
     pins: Arc<Pins>,
     last_retention: Instant,
-    /// Set when the write path failed for good (an fsync failed).
+    /// Set when the write path failed for good.
     failed: Option<String>,
+    /// The binlog writer itself failed (an fsync): nothing more goes to it.
+    binlog_failed: bool,
     /// Set while a committed group is not in RocksDB.
     behind: Option<Behind>,
     /// Last probe or catch-up attempt while failing.
@@ -322,10 +334,15 @@ struct Committer {
 /// state to catch up with the binlog.
 struct Behind {
     error: String,
+    since: Instant,
     answers: Vec<(Reply, Result<WriteOutcome, WriteError>)>,
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
+
+/// How long the committer retries bringing RocksDB up to the binlog after a
+/// failed RocksDB write before it fails the write path for good.
+pub const STATE_RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// Bytes the idle probe writes while appends fail.
 const PROBE_BYTES: usize = 64 << 10;
@@ -372,12 +389,25 @@ impl Committer {
             }
         }
         if let Some(why) = self.failed.take() {
+            // After a RocksDB failure the binlog is fine: make what it
+            // committed durable for the replay at the next start.
+            if !self.binlog_failed
+                && let Err(e) = self.binlog.sync()
+            {
+                tracing::error!(error = %e, "binlog fsync at the stop failed");
+            }
             return Err(WriteError::Failed(why));
         }
         if self.behind.is_some() && !self.catch_up() {
-            // The held clients get ShuttingDown; the binlog has their writes
-            // and the next start replays them.
             tracing::warn!("stopping with the state behind the binlog; the next start replays it");
+            if let Some(behind) = self.behind.take() {
+                let e = WriteError::Unknown(format!(
+                    "the master stopped before RocksDB took this committed write ({}); the next \
+                     start applies it from the binlog",
+                    behind.error
+                ));
+                fail_committed(behind.answers, &e);
+            }
         }
         self.binlog
             .sync_before_state_flush()
@@ -454,18 +484,25 @@ impl Committer {
         });
     }
 
-    /// The write path is failed for good: see the module docs.
+    /// The binlog writer failed for good: see the module docs.
     fn fail_for_good(&mut self, e: &BinlogError) {
-        let error = e.to_string();
         self.progress.write_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
-            %error,
+            error = %e,
             "binlog fsync failed (or a failed write could not be undone): nothing more will be \
              written or acknowledged; stopping so that start-up recovery reads what is on disk"
         );
-        // Held answers (state behind) stay unanswered: their clients see the
-        // stop. Their writes are in the binlog, which recovery reads.
-        self.behind = None;
+        self.binlog_failed = true;
+        self.stop_for_good(e.to_string());
+    }
+
+    /// Nothing more is written or acknowledged; the node stops and exits
+    /// non-zero. Held answers (state behind) get [`WriteError::Unknown`]: their
+    /// writes are in the binlog, which recovery reads.
+    fn stop_for_good(&mut self, error: String) {
+        if let Some(behind) = self.behind.take() {
+            fail_committed(behind.answers, &WriteError::Unknown(error.clone()));
+        }
         self.failed = Some(error.clone());
         self.progress.write_path.send_replace(WritePath::Failed {
             error,
@@ -516,8 +553,21 @@ impl Committer {
                     "rocksdb write failed ({}); replaying the binlog into it failed: {e}",
                     behind.error
                 );
-                self.failing(error);
+                self.failing(error.clone());
+                let given_up = behind.since.elapsed() >= STATE_RETRY_FOR;
                 self.behind = Some(behind);
+                if given_up {
+                    tracing::error!(
+                        %error,
+                        retried_for = ?STATE_RETRY_FOR,
+                        "RocksDB stays behind the binlog: stopping so that start-up recovery \
+                         replays the binlog into a freshly opened RocksDB"
+                    );
+                    self.stop_for_good(format!(
+                        "{error} (for {} s; RocksDB keeps some errors until it is reopened)",
+                        STATE_RETRY_FOR.as_secs()
+                    ));
+                }
                 false
             }
         }
@@ -633,12 +683,12 @@ impl Committer {
             return;
         }
         if self.behind.is_some() && !self.catch_up() {
-            let why = self
-                .behind
-                .as_ref()
-                .map(|b| b.error.clone())
-                .unwrap_or_default();
-            let e = WriteError::StateBehind(why);
+            let e = match (&self.failed, &self.behind) {
+                (Some(why), _) => WriteError::Failed(why.clone()),
+                (None, b) => {
+                    WriteError::StateBehind(b.as_ref().map(|b| b.error.clone()).unwrap_or_default())
+                }
+            };
             for r in group.drain(..) {
                 let _ = r.reply.send(Err(e.clone()));
             }
@@ -758,6 +808,7 @@ impl Committer {
                 self.last_attempt = Instant::now();
                 self.behind = Some(Behind {
                     error,
+                    since: Instant::now(),
                     answers: replies,
                 });
                 return self.commit_rest(group, rest);

@@ -45,6 +45,7 @@ impl Writer for CommitWriter {
             | WriteError::NotCommitted { .. }
             | WriteError::SyncFailed(_)
             | WriteError::Failed(_)
+            | WriteError::Unknown(_)
             | WriteError::StateBehind(_) => Status::unavailable(e.to_string()),
             WriteError::Internal(_) => Status::internal(e.to_string()),
         })
