@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: generated gRPC and binlog types (`proto/` at the workspace root).
 //! - [`position`]: `Index`, `ReplId` and `Position`, the types every replication decision uses.
+//! - [`history`]: the current replication history and its ancestors (I8): which positions are a prefix.
 //! - [`record`]: the binlog record codec `[len][crc32c][payload]` and the `Event` domain type.
 //! - [`boundary`]: the transaction boundary parser (Outside / InTxn / Error).
 //! - [`binlog`]: segmented, CRC-checked, group-fsynced binlog with tail recovery.
@@ -19,6 +20,7 @@ pub mod binlog;
 pub mod boundary;
 pub mod config;
 pub mod durability;
+pub mod history;
 pub mod kv;
 pub mod limits;
 pub mod marker;

@@ -1,31 +1,89 @@
 //! The clean-shutdown marker: `data_dir/CLEAN_SHUTDOWN`, written last on a clean
 //! stop with the position it stopped at (temp file, fsync, rename), taken (read
-//! and removed) at start. Its presence tells start-up it follows a clean stop.
+//! and removed) at start. Start-up counts the last stop as clean only when the
+//! marker is there **and** its position is the one the data on disk is at
+//! ([`CleanStop::matches`]): a marker that names another position (files copied
+//! or restored behind tern's back, a log cut after the stop) is a crash.
 
 use std::path::Path;
 
-const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
+use crate::position::{Position, ReplId};
 
-/// Records a clean stop at `position`, durably.
-pub fn write_clean_shutdown(dir: &Path, position: &str) -> std::io::Result<()> {
+const CLEAN_MARKER: &str = "CLEAN_SHUTDOWN";
+/// What the marker holds for a node that has no history yet (a slave that never synced).
+const NO_HISTORY: &str = "none";
+
+/// What start-up found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CleanStop {
+    /// No marker: the last stop was a crash (or this is the first start).
+    Missing,
+    /// The last stop was clean, at this position (`None`: no history yet).
+    At(Option<Position>),
+    /// A marker whose content is not a position (treated as a crash).
+    Unreadable(String),
+}
+
+impl CleanStop {
+    /// True when the last stop was clean at exactly `repl_id:index`; logs why not
+    /// when a marker is there but does not match.
+    pub fn matches(&self, repl_id: Option<ReplId>, index: u64) -> bool {
+        let here = repl_id.map(|repl_id| Position {
+            repl_id,
+            index: index.into(),
+        });
+        match self {
+            CleanStop::Missing => false,
+            CleanStop::At(p) if *p == here => true,
+            CleanStop::At(p) => {
+                let show =
+                    |p: &Option<Position>| p.map_or(NO_HISTORY.to_string(), |p| p.to_string());
+                tracing::warn!(
+                    marker = %show(p),
+                    data = %show(&here),
+                    "the clean-shutdown marker names another position than the data; treating \
+                     the last stop as a crash"
+                );
+                false
+            }
+            CleanStop::Unreadable(text) => {
+                tracing::warn!(marker = %text, "unreadable clean-shutdown marker; treating the last stop as a crash");
+                false
+            }
+        }
+    }
+}
+
+/// Records a clean stop at `position` (`None`: no history yet), durably.
+pub fn write_clean_shutdown(dir: &Path, position: Option<Position>) -> std::io::Result<()> {
+    let text = position.map_or(NO_HISTORY.to_string(), |p| p.to_string());
     let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
-    std::fs::write(&tmp, format!("{position}\n"))?;
+    std::fs::write(&tmp, format!("{text}\n"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Removes the marker; returns the position it held if the last stop was clean.
-pub fn take_clean_shutdown(dir: &Path) -> std::io::Result<Option<String>> {
+/// Removes the marker and returns what it said.
+pub fn take_clean_shutdown(dir: &Path) -> std::io::Result<CleanStop> {
     let path = dir.join(CLEAN_MARKER);
-    match std::fs::read_to_string(&path) {
-        Ok(position) => {
-            std::fs::remove_file(&path)?;
-            Ok(Some(position.trim().to_string()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    let text = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CleanStop::Missing),
+        Err(e) => return Err(e),
+    };
+    std::fs::remove_file(&path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    let text = String::from_utf8_lossy(&text[..text.len().min(256)])
+        .trim()
+        .to_string();
+    if text == NO_HISTORY {
+        return Ok(CleanStop::At(None));
     }
+    Ok(match text.parse::<Position>() {
+        Ok(p) => CleanStop::At(Some(p)),
+        Err(_) => CleanStop::Unreadable(text),
+    })
 }
 
 #[cfg(test)]
@@ -35,12 +93,31 @@ mod tests {
     #[test]
     fn written_then_taken_once() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(take_clean_shutdown(dir.path()).unwrap(), None);
-        write_clean_shutdown(dir.path(), "abc:42").unwrap();
-        assert_eq!(
-            take_clean_shutdown(dir.path()).unwrap(),
-            Some("abc:42".to_string())
-        );
-        assert_eq!(take_clean_shutdown(dir.path()).unwrap(), None);
+        assert_eq!(take_clean_shutdown(dir.path()).unwrap(), CleanStop::Missing);
+        let p = Position {
+            repl_id: ReplId(0xabc),
+            index: 42.into(),
+        };
+        write_clean_shutdown(dir.path(), Some(p)).unwrap();
+        let taken = take_clean_shutdown(dir.path()).unwrap();
+        assert_eq!(taken, CleanStop::At(Some(p)));
+        assert!(taken.matches(Some(ReplId(0xabc)), 42));
+        assert!(!taken.matches(Some(ReplId(0xabc)), 41));
+        assert!(!taken.matches(Some(ReplId(0xabd)), 42));
+        assert!(!taken.matches(None, 42));
+        assert_eq!(take_clean_shutdown(dir.path()).unwrap(), CleanStop::Missing);
+    }
+
+    #[test]
+    fn no_history_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        write_clean_shutdown(dir.path(), None).unwrap();
+        let taken = take_clean_shutdown(dir.path()).unwrap();
+        assert_eq!(taken, CleanStop::At(None));
+        assert!(taken.matches(None, 0));
+        std::fs::write(dir.path().join(CLEAN_MARKER), b"abc:42\n").unwrap();
+        let taken = take_clean_shutdown(dir.path()).unwrap();
+        assert_eq!(taken, CleanStop::Unreadable("abc:42".into()));
+        assert!(!taken.matches(Some(ReplId(0xabc)), 42));
     }
 }

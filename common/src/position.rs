@@ -96,6 +96,27 @@ impl fmt::Display for Position {
     }
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid position {0:?}: expected <32 hex digits>:<index>")]
+pub struct ParsePositionError(pub String);
+
+impl FromStr for Position {
+    type Err = ParsePositionError;
+
+    /// Parses what `Display` writes: `<repl id>:<index>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParsePositionError(s.chars().take(80).collect());
+        let (id, index) = s.split_once(':').ok_or_else(err)?;
+        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        Ok(Position {
+            repl_id: id.parse().map_err(|_| err())?,
+            index: Index(index.parse().map_err(|_| err())?),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +128,27 @@ mod tests {
         assert_eq!(s, "0123456789abcdef0011223344556677");
         assert_eq!(s.parse::<ReplId>(), Ok(id));
         assert_eq!(ReplId::from_bytes(id.to_bytes()), id);
+    }
+
+    #[test]
+    fn position_round_trips_and_rejects_bad_text() {
+        let p = Position {
+            repl_id: ReplId(0xabc),
+            index: Index(42),
+        };
+        assert_eq!(p.to_string().parse::<Position>(), Ok(p));
+        for bad in [
+            "",
+            ":",
+            "00000000000000000000000000000abc",
+            "00000000000000000000000000000abc:",
+            "00000000000000000000000000000abc:-1",
+            "00000000000000000000000000000abc:+1",
+            "00000000000000000000000000000abc:99999999999999999999999",
+            "xyz:1",
+        ] {
+            assert!(bad.parse::<Position>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use rocksdb::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::history::{Histories, HistoryEntry};
 use crate::position::ReplId;
 
 const META_CF: &str = "meta";
@@ -33,6 +34,11 @@ pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3
 const KEY_APPLIED: &[u8] = b"applied_index";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 const KEY_REPL_ID: &[u8] = b"repl_id";
+/// Ancestor histories (see [`crate::history`]), encoded by `Histories::encode_ancestors`.
+const KEY_ANCESTORS: &[u8] = b"ancestor_histories";
+/// The binlog fsync policy the node last ran with (tells start-up whether the
+/// previous run may have shipped events that were not durable).
+const KEY_RUNNING_FSYNC: &[u8] = b"running_fsync";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -175,6 +181,57 @@ impl State {
         self.inner
             .db
             .put_cf(self.meta(), KEY_REPL_ID, id.to_bytes())?;
+        self.flush()
+    }
+
+    /// The current history and its ancestors, if a repl id was set.
+    pub fn histories(&self) -> Result<Option<Histories>, StateError> {
+        let Some(current) = self.repl_id()? else {
+            return Ok(None);
+        };
+        let ancestors = self.ancestors()?;
+        Ok(Some(Histories { current, ancestors }))
+    }
+
+    fn ancestors(&self) -> Result<Vec<HistoryEntry>, StateError> {
+        match self.inner.db.get_pinned_cf(self.meta(), KEY_ANCESTORS)? {
+            None => Ok(Vec::new()),
+            Some(v) => Histories::decode_ancestors(&v).map_err(|e| StateError::CorruptMeta {
+                key: "ancestor_histories",
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Stores the current repl id and its ancestors in one write, then flushes,
+    /// so a crash leaves either the old histories or the new ones.
+    pub fn set_histories(&self, h: &Histories) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.meta(), KEY_REPL_ID, h.current.to_bytes());
+        batch.put_cf(self.meta(), KEY_ANCESTORS, h.encode_ancestors());
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.inner.db.write_opt(batch, &wo)?;
+        self.flush()
+    }
+
+    /// The fsync policy recorded by [`set_running_fsync`](Self::set_running_fsync).
+    pub fn running_fsync(&self) -> Result<Option<String>, StateError> {
+        Ok(self
+            .inner
+            .db
+            .get_pinned_cf(self.meta(), KEY_RUNNING_FSYNC)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the fsync policy this run uses (durably, if it changed).
+    pub fn set_running_fsync(&self, policy: &str) -> Result<(), StateError> {
+        if self.running_fsync()?.as_deref() == Some(policy) {
+            return Ok(());
+        }
+        self.inner
+            .db
+            .put_cf(self.meta(), KEY_RUNNING_FSYNC, policy.as_bytes())?;
         self.flush()
     }
 

@@ -95,3 +95,64 @@ pub fn binlog_segments(data_dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     segs.sort();
     Ok(segs)
 }
+
+/// The transaction boundaries (Commit indexes) of the binlog (or relay log) in
+/// `<data_dir>/binlog`, read straight from the segment files of a stopped or
+/// killed process, up to the first damaged record.
+pub fn binlog_boundaries(data_dir: &Path) -> anyhow::Result<Vec<u64>> {
+    use anyhow::Context;
+    let mut out = Vec::new();
+    for (_, path) in binlog_segments(data_dir)? {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        for r in tern_common::record::Records::new(&bytes) {
+            match r {
+                Ok((ev, _)) if ev.kind.tag() == tern_common::record::KindTag::Commit => {
+                    out.push(ev.index)
+                }
+                Ok(_) => {}
+                Err(_) => return Ok(out),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes a stopped or killed node's binlog end at boundary `index`, as a power
+/// loss does to an unsynced tail: later segments are removed and the one
+/// holding `index + 1` is cut there. Returns the bytes removed.
+pub fn lose_binlog_tail(data_dir: &Path, index: u64) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let mut removed = 0u64;
+    for (first, path) in binlog_segments(data_dir)?.into_iter().rev() {
+        let len = std::fs::metadata(&path)?.len();
+        if first > index + 1 || (first == index + 1 && first > 1) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += len;
+            continue;
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut it = tern_common::record::Records::new(&bytes);
+        let mut cut = None;
+        loop {
+            let at = it.offset();
+            match it.next() {
+                Some(Ok((ev, _))) if ev.index == index + 1 => {
+                    cut = Some(at);
+                    break;
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        let Some(cut) = cut else {
+            // The log already ends at or before `index`.
+            return Ok(removed);
+        };
+        let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+        f.set_len(cut as u64)?;
+        f.sync_all()?;
+        removed += len - cut as u64;
+        return Ok(removed);
+    }
+    anyhow::bail!("no segment holds event {}", index + 1)
+}

@@ -668,7 +668,7 @@ async fn try_sync_with_an_empty_repl_id_needs_a_full_sync() {
     let master = start_master(&dir, "master", &[]).await;
     // Even on an empty master: a slave without a history always full-syncs.
     for _ in 0..2 {
-        let (r, _tx, _stream) = try_sync(&master, "rogue", "", 0).await;
+        let (r, _tx, _stream) = try_sync(&master, "rogue", "", 0, 0).await;
         assert_eq!(r.code, pb::TrySyncCode::NeedFullSync as i32);
         assert_eq!(r.reason, pb::FullSyncReason::UnknownReplId as i32);
         assert!(r.message.contains("new slave"), "{}", r.message);
@@ -690,6 +690,7 @@ async fn try_sync(
     slave_id: &str,
     repl_id: &str,
     index: u64,
+    seq: u64,
 ) -> (
     pb::TrySyncResponse,
     tokio::sync::mpsc::Sender<pb::SlaveMessage>,
@@ -702,6 +703,7 @@ async fn try_sync(
             repl_id: repl_id.into(),
             index,
             addr: String::new(),
+            seq,
         })),
     })
     .await
@@ -736,7 +738,8 @@ async fn a_snapshot_goes_once_the_slave_that_downloaded_it_connects() {
         pins(&info(&master).await),
         vec![(format!("snapshot:{}", h.snapshot_id), h.index)]
     );
-    let (resp, tx, mut stream) = try_sync(&master, "test-client", &h.repl_id, h.index).await;
+    let (resp, tx, mut stream) =
+        try_sync(&master, "test-client", &h.repl_id, h.index, h.last_seq).await;
     assert_eq!(resp.code, pb::TrySyncCode::Ok as i32, "{resp:?}");
     // First-send ack at the TrySync index; the binlog after it then streams.
     tx.send(pb::SlaveMessage {
@@ -782,7 +785,7 @@ async fn a_snapshot_goes_once_the_slave_that_downloaded_it_connects() {
     )
     .await;
     // A refused TrySync under the same slave id does not take the live pin.
-    let (refused, _tx2, _stream2) = try_sync(&master, "test-client", "", 0).await;
+    let (refused, _tx2, _stream2) = try_sync(&master, "test-client", "", 0, 0).await;
     assert_eq!(refused.code, pb::TrySyncCode::NeedFullSync as i32);
     assert_eq!(
         pins(&info(&master).await),

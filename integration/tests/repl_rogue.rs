@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use support::{
-    DEADLINE, Rogue, assert_replicas_equal, assert_status, batch_ack, first_ack, start_slave,
-    try_sync, wait_connected, wait_more_acked, wait_until,
+    DEADLINE, Rogue, assert_replicas_equal, assert_status, batch_ack, commit_seq, first_ack,
+    start_slave, try_sync, wait_connected, wait_more_acked, wait_until,
 };
 use tern_common::proto::kv::v1 as kv;
 use tern_common::proto::replication::v1 as pb;
@@ -39,9 +39,10 @@ async fn expect_need_full_sync(
     case: &str,
     repl_id: &str,
     index: u64,
+    seq: u64,
     reason: pb::FullSyncReason,
 ) {
-    let mut r = Rogue::open(url, try_sync(&rogue_id(case), repl_id, index)).await;
+    let mut r = Rogue::open(url, try_sync(&rogue_id(case), repl_id, index, seq)).await;
     let resp = r.try_sync_response().await;
     assert_eq!(
         resp.code,
@@ -67,8 +68,9 @@ async fn expect_need_full_sync(
 }
 
 /// Opens a session at `index` with a valid TrySync and first-send ack.
-async fn open_session(url: &str, case: &str, repl_id: &str, index: u64) -> (Rogue, u64) {
-    let mut r = Rogue::open(url, try_sync(&rogue_id(case), repl_id, index)).await;
+/// `seq` is that of the transaction ending at `index` (see `commit_seq`).
+async fn open_session(url: &str, case: &str, repl_id: &str, index: u64, seq: u64) -> (Rogue, u64) {
+    let mut r = Rogue::open(url, try_sync(&rogue_id(case), repl_id, index, seq)).await;
     let resp = r.try_sync_response().await;
     assert_eq!(
         resp.code,
@@ -157,12 +159,12 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
     if bogus == repl_id {
         bogus = format!("{:032x}", !rand::random::<u128>());
     }
-    expect_need_full_sync(&url, "a", &bogus, 5, pb::FullSyncReason::UnknownReplId).await;
-    expect_need_full_sync(&url, "a0", &bogus, 0, pb::FullSyncReason::UnknownReplId).await;
+    expect_need_full_sync(&url, "a", &bogus, 5, 1, pb::FullSyncReason::UnknownReplId).await;
+    expect_need_full_sync(&url, "a0", &bogus, 0, 0, pb::FullSyncReason::UnknownReplId).await;
 
     // (b) Positions that are not transaction boundaries: the Begin, and Puts.
     for i in [1, 2, 3, 4] {
-        expect_need_full_sync(&url, "b", &repl_id, i, pb::FullSyncReason::NotABoundary).await;
+        expect_need_full_sync(&url, "b", &repl_id, i, 1, pb::FullSyncReason::NotABoundary).await;
     }
 
     // (c) Beyond the master's last index.
@@ -172,12 +174,19 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
         "c",
         &repl_id,
         last + 1_000_000,
+        1,
         pb::FullSyncReason::AheadOfMaster,
     )
     .await;
 
+    // (c2) A real boundary of the master's history, but the slave's
+    // transaction there is another one (its seq differs): I8, diverged.
+    for wrong in [0, 2, u64::MAX] {
+        expect_need_full_sync(&url, "c2", &repl_id, 5, wrong, pb::FullSyncReason::Diverged).await;
+    }
+
     // (d) The first-send ack must repeat the TrySync index (F2).
-    let (mut r, sid) = open_session(&url, "d", &repl_id, 5).await;
+    let (mut r, sid) = open_session(&url, "d", &repl_id, 5, 1).await;
     r.send(first_ack(sid, 0)).await;
     let s = r.expect_error("first-send ack with another index").await;
     assert_status(
@@ -187,7 +196,7 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
         "first-send",
     );
     // ... and must come before any other ack.
-    let (mut r, sid) = open_session(&url, "d2", &repl_id, 5).await;
+    let (mut r, sid) = open_session(&url, "d2", &repl_id, 5, 1).await;
     r.send(batch_ack(sid, 6, 10, 5)).await;
     let s = r.expect_error("batch ack before the first-send ack").await;
     assert_status(
@@ -198,7 +207,7 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
     );
 
     // (e) An ack for a batch that is not the window head.
-    let (mut r, sid) = open_session(&url, "e", &repl_id, 5).await;
+    let (mut r, sid) = open_session(&url, "e", &repl_id, 5, 1).await;
     r.send(first_ack(sid, 5)).await;
     let b = r.batch().await;
     check_batch(&b, 6);
@@ -222,7 +231,7 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
     assert_status("(f) Heartbeat first", &s, Code::InvalidArgument, "TrySync");
 
     // (g) An empty SlaveMessage (no `msg`) while streaming.
-    let (mut r, sid) = open_session(&url, "g", &repl_id, 5).await;
+    let (mut r, sid) = open_session(&url, "g", &repl_id, 5, 1).await;
     r.send(first_ack(sid, 5)).await;
     let b = r.batch().await;
     check_batch(&b, 6);
@@ -239,7 +248,7 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
     // byte-valid contiguous binlog up to the master's latest index.
     let stale_before = stale_messages(&master).await;
     let id_h = rogue_id("h");
-    let mut r = Rogue::open(&url, try_sync(&id_h, &repl_id, 5)).await;
+    let mut r = Rogue::open(&url, try_sync(&id_h, &repl_id, 5, 1)).await;
     let resp = r.try_sync_response().await;
     assert_eq!(resp.code, pb::TrySyncCode::Ok as i32, "(h): {resp:?}");
     let sid = resp.session_id;
@@ -342,7 +351,7 @@ async fn end_of_an_old_session_does_not_hide_the_live_one() {
     let mut problems = Vec::new();
 
     // The old session, from the start of the history; it receives one batch.
-    let mut old = Rogue::open(&url, try_sync(&id_i, &repl_id, 0)).await;
+    let mut old = Rogue::open(&url, try_sync(&id_i, &repl_id, 0, 0)).await;
     let resp = old.try_sync_response().await;
     assert_eq!(resp.code, pb::TrySyncCode::Ok as i32, "old: {resp:?}");
     let old_sid = resp.session_id;
@@ -358,7 +367,8 @@ async fn end_of_an_old_session_does_not_hide_the_live_one() {
     // The same slave reconnects further on (a new session) and acks a batch.
     wait_more_acked(&load, 100).await;
     let from = master.info().await.unwrap().applied_index;
-    let mut new = Rogue::open(&url, try_sync(&id_i, &repl_id, from)).await;
+    let seq = commit_seq(&master.data_dir, from);
+    let mut new = Rogue::open(&url, try_sync(&id_i, &repl_id, from, seq)).await;
     let resp = new.try_sync_response().await;
     assert_eq!(resp.code, pb::TrySyncCode::Ok as i32, "new: {resp:?}");
     let new_sid = resp.session_id;

@@ -11,10 +11,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_common::binlog::{Binlog, BinlogOptions};
+use tern_common::binlog::{Binlog, BinlogOptions, FsyncPolicy};
 use tern_common::config::Config;
+use tern_common::history::Histories;
 use tern_common::kv::{KvService, WriteOp, WriteOutcome, Writer};
-use tern_common::position::ReplId;
+use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
 use tern_common::state::State;
@@ -80,7 +81,7 @@ fn watch_write_path(
 }
 
 struct MasterInfo {
-    repl_id: ReplId,
+    histories: Histories,
     progress: Arc<Progress>,
     sync: Arc<SyncShared>,
     pins: Arc<Pins>,
@@ -93,7 +94,8 @@ impl InfoSource for MasterInfo {
         let p = &self.progress;
         admin::InfoResponse {
             role: "master".into(),
-            repl_id: self.repl_id.to_string(),
+            repl_id: self.histories.current.to_string(),
+            histories: self.histories.admin_list(),
             first_index: p.first_index.load(Ordering::Acquire),
             last_index: p.last_index.load(Ordering::Acquire),
             applied_index: *p.applied.borrow(),
@@ -130,7 +132,7 @@ impl InfoSource for MasterInfo {
 pub struct Opened {
     pub state: State,
     pub binlog: Binlog,
-    pub repl_id: ReplId,
+    pub histories: Histories,
     pub replayed_on_start: u64,
     pub clean_shutdown: bool,
 }
@@ -143,9 +145,8 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         .with_context(|| format!("creating data directory {}", dir.display()))?;
     snapshot::remove_all(dir)
         .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
-    let clean_shutdown = tern_common::marker::take_clean_shutdown(dir)
-        .context("reading the clean-shutdown marker")?
-        .is_some();
+    let marker = tern_common::marker::take_clean_shutdown(dir)
+        .context("reading the clean-shutdown marker")?;
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
     let (binlog, report) = Binlog::open(
@@ -164,20 +165,33 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
             "binlog tail was torn or held a partial transaction; truncated it"
         );
     }
-    let repl_id = match state.repl_id()? {
-        Some(id) => id,
+    let (histories, clean_shutdown) = match state.histories()? {
+        Some(h) => {
+            let clean_shutdown = marker.matches(Some(h.current), binlog.last_index());
+            // The fsync policy of the run that just ended decides what it shipped.
+            let previous = state.running_fsync()?;
+            let shipped_undurable = previous
+                .as_deref()
+                .map_or(cfg.binlog.fsync != FsyncPolicy::Always, |p| p != "always");
+            if !clean_shutdown && shipped_undurable {
+                (fork_history(&state, h, binlog.last_index())?, false)
+            } else {
+                (h, clean_shutdown)
+            }
+        }
         None => {
             anyhow::ensure!(
                 state.applied_index() == 0 && binlog.last_index() == 0,
                 "data directory {} has data but no replication id",
                 dir.display()
             );
-            let id = ReplId::random();
-            state.set_repl_id(id)?;
-            tracing::info!(repl_id = %id, "new replication history");
-            id
+            let h = Histories::new(ReplId::random());
+            state.set_histories(&h)?;
+            tracing::info!(repl_id = %h.current, "new replication history");
+            (h, false)
         }
     };
+    state.set_running_fsync(cfg.binlog.fsync.as_str())?;
     anyhow::ensure!(
         state.applied_index() <= binlog.last_index(),
         "RocksDB has applied index {} but the binlog ends at {}: the binlog lost its tail \
@@ -197,10 +211,33 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     Ok(Opened {
         state,
         binlog,
-        repl_id,
+        histories,
         replayed_on_start,
         clean_shutdown,
     })
+}
+
+/// Ends the current history at `end` (the last index the binlog still holds)
+/// and starts a new one (I8). Called when the last run stopped without a clean
+/// shutdown while shipping events before they were durable (`fsync = everysec`
+/// or `no`): the disk may have lost events that slaves already hold, and new
+/// transactions would reuse their indexes. Slaves at or before `end` continue
+/// (the prefix is shared); slaves beyond it are told `diverged`.
+fn fork_history(state: &State, mut h: Histories, end: u64) -> anyhow::Result<Histories> {
+    let old = h.current;
+    h.fork(end.into(), ReplId::random());
+    state
+        .set_histories(&h)
+        .context("storing the new replication history")?;
+    tracing::warn!(
+        old_repl_id = %old,
+        ended_at = end,
+        repl_id = %h.current,
+        "the last run stopped without a clean shutdown and shipped events before they were \
+         durable: starting a new replication history (slaves beyond the old one's end will be \
+         told they diverged)"
+    );
+    Ok(h)
 }
 
 /// Runs a master on `listener` until `shutdown` is cancelled, then stops
@@ -216,10 +253,11 @@ pub async fn run(
     let Opened {
         state,
         binlog,
-        repl_id,
+        histories,
         replayed_on_start,
         clean_shutdown,
     } = opened;
+    let repl_id = histories.current;
     let reader = binlog.reader();
     let pins = Pins::new();
     let (handle, progress, committer) = committer::spawn(
@@ -253,7 +291,7 @@ pub async fn run(
         Some(Arc::new(CommitWriter(handle))),
     );
     let sync = SyncShared::new(
-        repl_id,
+        histories.clone(),
         progress.clone(),
         pins.clone(),
         snapshots.clone(),
@@ -262,7 +300,7 @@ pub async fn run(
         shutdown.clone(),
     );
     let info = Arc::new(MasterInfo {
-        repl_id,
+        histories,
         progress: progress.clone(),
         sync: sync.clone(),
         pins,
@@ -290,8 +328,11 @@ pub async fn run(
         .await?
         .map_err(|_| anyhow::anyhow!("committer thread panicked"))??;
     served?;
-    let position = format!("{repl_id}:{}", binlog.last_index());
-    tern_common::marker::write_clean_shutdown(&cfg.server.data_dir, &position)?;
+    let position = Position {
+        repl_id,
+        index: binlog.last_index().into(),
+    };
+    tern_common::marker::write_clean_shutdown(&cfg.server.data_dir, Some(position))?;
     tracing::info!(%position, "clean shutdown");
     Ok(())
 }

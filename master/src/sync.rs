@@ -41,7 +41,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tern_common::binlog::BinlogReader;
 use tern_common::config::SyncConfig;
-use tern_common::position::ReplId;
+use tern_common::history::{Histories, HistoryError};
+use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::record::EventKind;
@@ -78,6 +79,8 @@ struct SlaveEntry {
 /// State shared by every session of this master.
 pub struct SyncShared {
     pub repl_id: ReplId,
+    /// The current history and its ancestors (I8): TrySync positions are checked against them.
+    histories: Histories,
     pub progress: Arc<Progress>,
     pub pins: Arc<Pins>,
     pub snapshots: Arc<SnapshotManager>,
@@ -93,7 +96,7 @@ pub struct SyncShared {
 
 impl SyncShared {
     pub fn new(
-        repl_id: ReplId,
+        histories: Histories,
         progress: Arc<Progress>,
         pins: Arc<Pins>,
         snapshots: Arc<SnapshotManager>,
@@ -108,7 +111,8 @@ impl SyncShared {
             .unwrap_or(1)
             << 12;
         Arc::new(SyncShared {
-            repl_id,
+            repl_id: histories.current,
+            histories,
             progress,
             pins,
             snapshots,
@@ -169,25 +173,36 @@ impl SyncShared {
         }
     }
 
-    /// Decides whether the master can continue a slave from `(repl_id, index)`.
+    /// Decides whether the master can continue a slave from `(repl_id, index)`
+    /// with `seq` the slave's transaction ending there: the position must be a
+    /// prefix of this master's log (I8: its current history, or an ancestor at
+    /// or before where it ended), a transaction boundary still stored (or just
+    /// purged up to), and the master's Commit at `index` must carry the same seq.
     /// A slave without a history (empty repl id) always gets a full sync.
     fn check_position(
         &self,
         repl_id: &str,
         index: u64,
+        seq: u64,
     ) -> Result<(), (pb::FullSyncReason, String)> {
         use pb::FullSyncReason as R;
         if repl_id.is_empty() {
             return Err((R::UnknownReplId, "new slave: full sync".to_string()));
         }
-        if repl_id.parse::<ReplId>().ok() != Some(self.repl_id) {
+        let Ok(slave_repl) = repl_id.parse::<ReplId>() else {
             return Err((
                 R::UnknownReplId,
-                format!(
-                    "repl id {repl_id:?} is not this master's history {}",
-                    self.repl_id
-                ),
+                format!("repl id {repl_id:?} is not a repl id"),
             ));
+        };
+        let position = Position {
+            repl_id: slave_repl,
+            index: index.into(),
+        };
+        match self.histories.check(position) {
+            Ok(()) => {}
+            Err(e @ HistoryError::Unknown(_)) => return Err((R::UnknownReplId, e.to_string())),
+            Err(e @ HistoryError::Diverged { .. }) => return Err((R::Diverged, e.to_string())),
         }
         let last = self.progress.last_index.load(Ordering::Acquire);
         let first = self.progress.first_index.load(Ordering::Acquire);
@@ -203,28 +218,61 @@ impl SyncShared {
                 format!("events after {index} are purged; the binlog starts at {first}"),
             ));
         }
-        if index == last {
+        if index == 0 {
             return Ok(());
         }
-        // `index` is a boundary iff the event after it is a Begin.
-        let mut reader = self.new_reader();
-        let next = tokio::task::block_in_place(|| {
-            reader.seek(index + 1)?;
-            reader.read_events(index + 1, 1)
-        });
-        match next {
-            Ok(evs) if matches!(evs.first().map(|e| &e.kind), Some(EventKind::Begin { .. })) => {
-                Ok(())
-            }
-            Ok(_) => Err((
-                R::NotABoundary,
-                format!("index {index} is not a transaction boundary"),
-            )),
-            Err(e) => Err((
-                R::Purged,
-                format!("cannot read the binlog after {index}: {e}"),
-            )),
+        // Read the event at `index` (when still stored: it must be the Commit of
+        // the slave's transaction) and the one after it (a Begin, unless `index`
+        // is the last), in one pass.
+        let from = index.max(first);
+        let to = (index + 1).min(last);
+        if from > to {
+            return Ok(());
         }
+        let mut reader = self.new_reader();
+        let events = match tokio::task::block_in_place(|| {
+            reader.seek(from)?;
+            reader.read_events(from, (to - from + 1) as usize)
+        }) {
+            Ok(evs) => evs,
+            Err(e) => {
+                return Err((
+                    R::Purged,
+                    format!("cannot read the binlog around {index}: {e}"),
+                ));
+            }
+        };
+        for ev in &events {
+            match (&ev.kind, ev.index == index) {
+                (EventKind::Commit { seq: ours }, true) if *ours == seq => {}
+                (EventKind::Commit { seq: ours }, true) => {
+                    return Err((
+                        R::Diverged,
+                        format!(
+                            "the slave's transaction at {index} has seq {seq}, the master's has \
+                             seq {ours}: different histories"
+                        ),
+                    ));
+                }
+                (_, true)
+                | (
+                    EventKind::Put { .. } | EventKind::Delete { .. } | EventKind::Commit { .. },
+                    false,
+                ) => {
+                    return Err((
+                        R::NotABoundary,
+                        format!("index {index} is not a transaction boundary"),
+                    ));
+                }
+                (EventKind::Begin { .. }, false) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The ancestor histories, as TrySyncResponse carries them.
+    fn history_list(&self) -> Vec<pb::History> {
+        self.histories.replication_list()
     }
 }
 
@@ -742,7 +790,7 @@ async fn run_session(
         .pin(format!("{SLAVE_PREFIX}{slave_id}/try_sync"), index);
     let first = shared.progress.first_index.load(Ordering::Acquire);
     let last = shared.progress.last_index.load(Ordering::Acquire);
-    if let Err((reason, message)) = shared.check_position(&try_sync.repl_id, index) {
+    if let Err((reason, message)) = shared.check_position(&try_sync.repl_id, index, try_sync.seq) {
         drop(provisional);
         tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
         shared.update(&slave_id, |e| {
@@ -758,6 +806,7 @@ async fn run_session(
             first_index: first,
             last_index: last,
             session_id: 0,
+            histories: shared.history_list(),
         };
         let _ = tx
             .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))
@@ -787,6 +836,7 @@ async fn run_session(
         first_index: first,
         last_index: last,
         session_id,
+        histories: shared.history_list(),
     };
     if tx
         .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))

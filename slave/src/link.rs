@@ -33,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tern_common::binlog::Binlog;
 use tern_common::boundary::{BoundaryParser, ParserState};
 use tern_common::config::Config;
+use tern_common::history::{Histories, HistoryEntry};
 use tern_common::position::ReplId;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::proto::replication::v1::replication_client::ReplicationClient;
@@ -193,6 +194,32 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The master's histories from a TrySyncResponse, validated.
+fn histories_from_reply(
+    current: ReplId,
+    list: &[pb::History],
+) -> Result<Histories, ReconnectReason> {
+    if list.len() > tern_common::history::MAX_ANCESTORS {
+        return Err(ReconnectReason::Protocol(format!(
+            "TrySyncResponse carries {} histories; at most {} are kept",
+            list.len(),
+            tern_common::history::MAX_ANCESTORS
+        )));
+    }
+    let ancestors = list
+        .iter()
+        .map(|h| {
+            Ok(HistoryEntry {
+                repl_id: h.repl_id.parse().map_err(|e| {
+                    ReconnectReason::Protocol(format!("TrySyncResponse.histories: {e}"))
+                })?,
+                end: h.end_index.into(),
+            })
+        })
+        .collect::<Result<Vec<_>, ReconnectReason>>()?;
+    Ok(Histories { current, ancestors })
+}
+
 fn slave_msg(msg: pb::slave_message::Msg) -> pb::SlaveMessage {
     pb::SlaveMessage { msg: Some(msg) }
 }
@@ -225,9 +252,10 @@ impl Link {
                 }
                 Err(reason) => {
                     let state = match reason {
-                        // A slave ahead of its master never discards data by itself.
+                        // A slave ahead of its master, or holding events beyond a
+                        // fork of its history, never discards data by itself.
                         ReconnectReason::NeedFullSync {
-                            reason: pb::FullSyncReason::AheadOfMaster,
+                            reason: pb::FullSyncReason::AheadOfMaster | pb::FullSyncReason::Diverged,
                             ..
                         } => LinkState::Error,
                         ReconnectReason::NeedFullSync { .. } | ReconnectReason::FullSync(_) => {
@@ -362,6 +390,9 @@ impl Link {
             repl_id: repl_id.map(|r| r.to_string()).unwrap_or_default(),
             index,
             addr: self.cfg.server.listen.clone(),
+            // After the barrier applied == received == index, so the state's
+            // last seq is that of the transaction ending at `index`.
+            seq: if index == 0 { 0 } else { self.state.last_seq() },
         };
         let _ = out_tx
             .send(slave_msg(pb::slave_message::Msg::TrySync(try_sync)))
@@ -391,7 +422,11 @@ impl Link {
         if reply.code != pb::TrySyncCode::Ok as i32 {
             let reason = pb::FullSyncReason::try_from(reply.reason)
                 .unwrap_or(pb::FullSyncReason::Unspecified);
-            if reason == pb::FullSyncReason::AheadOfMaster && !self.cfg.slave.resync_when_ahead {
+            let keeps_data = matches!(
+                reason,
+                pb::FullSyncReason::AheadOfMaster | pb::FullSyncReason::Diverged
+            );
+            if keeps_data && !self.cfg.slave.resync_when_ahead {
                 return Err(ReconnectReason::NeedFullSync {
                     reason,
                     message: format!(
@@ -422,20 +457,20 @@ impl Link {
             .repl_id
             .parse()
             .map_err(|e| ReconnectReason::Protocol(format!("TrySyncResponse.repl_id: {e}")))?;
-        match repl_id {
-            Some(id) if id != master_repl => {
-                return Err(ReconnectReason::Protocol(format!(
-                    "master answered OK for history {master_repl} but this slave follows {id}"
-                )));
+        if repl_id != Some(master_repl) {
+            // A new slave, or one the master accepted from an ancestor of its
+            // current history (I8): from here on this slave follows the master's
+            // history. Stored before anything of it is appended, so a crash can
+            // never leave new-history events under the old repl id.
+            let histories = histories_from_reply(master_repl, &reply.histories)?;
+            if let Some(old) = repl_id {
+                tracing::info!(old_repl_id = %old, repl_id = %master_repl, index, "the master continues this slave in a newer history");
             }
-            Some(_) => {}
-            None => {
-                let state = self.state.clone();
-                tokio::task::block_in_place(|| state.set_repl_id(master_repl))
-                    .map_err(|e| ReconnectReason::Fatal(format!("storing repl id: {e}")))?;
-                self.status.set(|s| s.repl_id = Some(master_repl));
-                span.record("repl_id", tracing::field::display(master_repl));
-            }
+            let state = self.state.clone();
+            tokio::task::block_in_place(|| state.set_histories(&histories))
+                .map_err(|e| ReconnectReason::Fatal(format!("storing repl id: {e}")))?;
+            self.status.set(|s| s.repl_id = Some(master_repl));
+            span.record("repl_id", tracing::field::display(master_repl));
         }
         let session_id = reply.session_id;
         span.record("session_id", session_id);

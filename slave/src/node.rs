@@ -17,6 +17,7 @@ use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogError, BinlogOptions};
 use tern_common::config::Config;
 use tern_common::kv::{KvService, ReadFloor};
+use tern_common::position::Position;
 use tern_common::proto::admin::v1 as admin;
 use tern_common::replay::ReplayError;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -62,6 +63,13 @@ impl InfoSource for SlaveInfo {
                 .read_floor
                 .blocked(*self.applied.borrow())
                 .unwrap_or_default(),
+            histories: match self.state.histories() {
+                Ok(h) => h.map(|h| h.admin_list()).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the histories for Info");
+                    Vec::new()
+                }
+            },
             link: Some(admin::LinkInfo {
                 state: link.state.as_str().into(),
                 master: self.master.clone(),
@@ -187,15 +195,15 @@ fn restart_relay_after_state(
 fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     let dir = &cfg.server.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let clean = tern_common::marker::take_clean_shutdown(dir)
-        .context("reading the clean-shutdown marker")?
-        .is_some();
+    let marker = tern_common::marker::take_clean_shutdown(dir)
+        .context("reading the clean-shutdown marker")?;
     let slave_id = slave_id(cfg, dir)?;
     if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
         tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
     }
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
+    let clean = marker.matches(state.repl_id()?, state.applied_index());
     let relay_dir = dir.join("binlog");
     // Opening the relay log truncates a damaged tail, possibly below what was
     // received and served: the floor covers it first.
@@ -380,17 +388,12 @@ async fn run_once(
     })?;
     served?;
     if matches!(exit, LinkExit::Shutdown) {
-        let position = format!(
-            "{}:{}",
-            status
-                .snapshot()
-                .repl_id
-                .map(|r| r.to_string())
-                .unwrap_or_default(),
-            state.applied_index()
-        );
-        tern_common::marker::write_clean_shutdown(&dir, &position)?;
-        tracing::info!(%position, "clean shutdown");
+        let position = status.snapshot().repl_id.map(|repl_id| Position {
+            repl_id,
+            index: state.applied_index().into(),
+        });
+        tern_common::marker::write_clean_shutdown(&dir, position)?;
+        tracing::info!(position = ?position.map(|p| p.to_string()), "clean shutdown");
     }
     Ok(exit)
 }

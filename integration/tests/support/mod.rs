@@ -546,13 +546,42 @@ impl Rogue {
 }
 
 /// A TrySync message.
-pub fn try_sync(slave_id: &str, repl_id: &str, index: u64) -> pb::slave_message::Msg {
+pub fn try_sync(slave_id: &str, repl_id: &str, index: u64, seq: u64) -> pb::slave_message::Msg {
     pb::slave_message::Msg::TrySync(pb::TrySync {
         slave_id: slave_id.to_string(),
         repl_id: repl_id.to_string(),
         index,
         addr: String::new(),
+        seq,
     })
+}
+
+/// The seq of the transaction whose Commit is event `index` in the binlog of
+/// `data_dir` (0 for index 0), read from the segment files; what a real slave
+/// at `index` sends in its TrySync.
+pub fn commit_seq(data_dir: &std::path::Path, index: u64) -> u64 {
+    if index == 0 {
+        return 0;
+    }
+    let segs = tern_integration::binlog_segments(data_dir).unwrap_or_else(|e| panic!("{e:#}"));
+    for (first, path) in segs.iter().rev() {
+        if *first > index {
+            continue;
+        }
+        let bytes =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for r in tern_common::record::Records::new(&bytes) {
+            match r {
+                Ok((ev, _)) if ev.index == index => match ev.kind {
+                    tern_common::record::EventKind::Commit { seq } => return seq,
+                    other => panic!("event {index} is not a Commit: {other:?}"),
+                },
+                Ok(_) => {}
+                Err(e) => panic!("reading {}: {e}", path.display()),
+            }
+        }
+    }
+    panic!("no Commit at {index} in {}", data_dir.display())
 }
 
 /// The first-send ack of a session.
