@@ -7,17 +7,25 @@
 //! not have committed, but at most once). Nothing is retried: a retry of a
 //! non-idempotent write would be a second write.
 //!
+//! A third outcome exists only when a test cuts the master's binlog back to
+//! an index, as a power loss does to the unsynced tail under `binlog.fsync =
+//! everysec | no` ([`Workload::lose_after`]): acked writes whose commit index
+//! is beyond the cut become **lost**, held like uncertain ones (at most once).
+//! Each write remembers how many cuts had happened when it was *sent*, so a
+//! reply that arrives after a cut is still judged by it, and a write sent after
+//! a cut never is (the master that served it already had the new history).
+//!
 //! - [`Counters`]: IncrBy with positive deltas on a few keys. Check: with no
-//!   uncertain delta on a key its value equals the acked sum; otherwise
-//!   `acked <= value <= acked + uncertain`.
+//!   uncertain or lost delta on a key its value equals the acked sum;
+//!   otherwise `acked <= value <= acked + uncertain + lost`.
 //! - [`AppendLog`]: Append of unique tokens `"<client>-<n>;"`. Check: every
-//!   acked token appears exactly once, an uncertain one at most once, no token
-//!   appears that was never sent, and one client's acked tokens appear in the
-//!   order it sent them.
+//!   acked token appears exactly once, an uncertain or lost one at most once,
+//!   no token appears that was never sent, and one client's acked tokens
+//!   appear in the order it sent them.
 //! - [`Load`]: concurrent clients mixing IncrBy, Append and a two-key IncrBy Txn.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,13 +57,31 @@ pub async fn get(kv: &mut KvClient<Channel>, key: &[u8]) -> anyhow::Result<Optio
     Ok(r.found.then_some(r.value))
 }
 
+/// Whether a write acknowledged at commit index `index`, sent when `sent` of
+/// the `cuts` (indexes the master's binlog was cut back to, in order) had
+/// happened, was lost by a later one.
+fn lost_by_cuts(cuts: &[u64], sent: usize, index: u64) -> bool {
+    cuts.get(sent..)
+        .is_some_and(|later| later.iter().any(|&cut| index > cut))
+}
+
+/// An acknowledged counter write: commit index, deltas.
+type AckedDeltas = (u64, Vec<(usize, i64)>);
+
 #[derive(Default)]
 struct CounterModel {
     acked: Vec<i128>,
     uncertain: Vec<i128>,
+    /// Acknowledged deltas whose events the master lost.
+    lost: Vec<i128>,
     acked_ops: u64,
     uncertain_ops: u64,
+    lost_ops: u64,
     max_acked_index: u64,
+    /// Every acknowledged write not lost, for later cuts.
+    acked_writes: Vec<AckedDeltas>,
+    /// Indexes the master's binlog was cut back to ([`Counters::lose_after`]).
+    cuts: Vec<u64>,
 }
 
 /// IncrBy counters with a model of acknowledged and uncertain deltas.
@@ -64,12 +90,13 @@ pub struct Counters {
     model: Mutex<CounterModel>,
 }
 
-/// What a counter check saw, per key: (value, acked sum, uncertain sum).
+/// What a counter check saw, per key: (value, acked sum, uncertain sum, lost sum).
 #[derive(Debug)]
 pub struct CounterReport {
-    pub values: Vec<(i128, i128, i128)>,
+    pub values: Vec<(i128, i128, i128, i128)>,
     pub acked_ops: u64,
     pub uncertain_ops: u64,
+    pub lost_ops: u64,
 }
 
 impl Counters {
@@ -80,6 +107,7 @@ impl Counters {
             model: Mutex::new(CounterModel {
                 acked: vec![0; keys],
                 uncertain: vec![0; keys],
+                lost: vec![0; keys],
                 ..Default::default()
             }),
         }
@@ -94,22 +122,64 @@ impl Counters {
     }
 
     /// Records the outcome of one write that added `deltas` (key, delta)
-    /// atomically: `Ok(commit index)` or the error.
+    /// atomically: `Ok(commit index)` or the error. The write counts as sent
+    /// after every cut so far (see [`Counters::record_sent`]).
     pub fn record(&self, deltas: &[(usize, i64)], result: Result<u64, &tonic::Status>) {
+        let sent = self.model.lock().unwrap().cuts.len();
+        self.record_sent(sent, deltas, result);
+    }
+
+    /// As [`Counters::record`], for a write sent when `sent` cuts
+    /// ([`Counters::lose_after`]) had happened: acknowledged beyond a later
+    /// cut, it is lost.
+    pub fn record_sent(
+        &self,
+        sent: usize,
+        deltas: &[(usize, i64)],
+        result: Result<u64, &tonic::Status>,
+    ) {
         let mut m = self.model.lock().unwrap();
         match result {
+            Ok(index) if lost_by_cuts(&m.cuts, sent, index) => {
+                m.lost_ops += 1;
+                for &(k, d) in deltas {
+                    m.lost[k] += i128::from(d);
+                }
+            }
             Ok(index) => {
                 m.acked_ops += 1;
                 m.max_acked_index = m.max_acked_index.max(index);
                 for &(k, d) in deltas {
                     m.acked[k] += i128::from(d);
                 }
+                m.acked_writes.push((index, deltas.to_vec()));
             }
             Err(_) => {
                 m.uncertain_ops += 1;
                 for &(k, d) in deltas {
                     m.uncertain[k] += i128::from(d);
                 }
+            }
+        }
+    }
+
+    /// The master's binlog was cut back to `index` (its unsynced tail lost):
+    /// acknowledged writes with a commit index beyond it become lost, and so
+    /// do those sent before this call and recorded later.
+    pub fn lose_after(&self, index: u64) {
+        let mut m = self.model.lock().unwrap();
+        m.cuts.push(index);
+        let writes = std::mem::take(&mut m.acked_writes);
+        for (at, deltas) in writes {
+            if at <= index {
+                m.acked_writes.push((at, deltas));
+                continue;
+            }
+            m.acked_ops -= 1;
+            m.lost_ops += 1;
+            for (k, d) in deltas {
+                m.acked[k] -= i128::from(d);
+                m.lost[k] += i128::from(d);
             }
         }
     }
@@ -121,6 +191,11 @@ impl Counters {
 
     pub fn acked_ops(&self) -> u64 {
         self.model.lock().unwrap().acked_ops
+    }
+
+    /// Acknowledged writes the master lost ([`Counters::lose_after`]).
+    pub fn lost_ops(&self) -> u64 {
+        self.model.lock().unwrap().lost_ops
     }
 
     /// Checks stored values (`None` = absent = 0) against the model.
@@ -144,11 +219,12 @@ impl Counters {
                     }
                 },
             };
-            let (acked, unc) = (m.acked[i], m.uncertain[i]);
-            report.push((value, acked, unc));
-            if unc == 0 && value != acked {
+            let (acked, unc, lost) = (m.acked[i], m.uncertain[i], m.lost[i]);
+            report.push((value, acked, unc, lost));
+            if unc == 0 && lost == 0 && value != acked {
                 problems.push(format!(
-                    "{}{i}: value {value} != acknowledged sum {acked} (no uncertain writes): {}",
+                    "{}{i}: value {value} != acknowledged sum {acked} (no uncertain or lost \
+                     writes): {}",
                     self.prefix,
                     if value < acked {
                         "acknowledged increments lost"
@@ -156,11 +232,11 @@ impl Counters {
                         "increments applied twice or never sent"
                     }
                 ));
-            } else if value < acked || value > acked + unc {
+            } else if value < acked || value > acked + unc + lost {
                 problems.push(format!(
-                    "{}{i}: value {value} outside [acked {acked}, acked + uncertain {}]",
+                    "{}{i}: value {value} outside [acked {acked}, acked + uncertain + lost {}]",
                     self.prefix,
-                    acked + unc
+                    acked + unc + lost
                 ));
             }
         }
@@ -172,6 +248,7 @@ impl Counters {
             values: report,
             acked_ops: m.acked_ops,
             uncertain_ops: m.uncertain_ops,
+            lost_ops: m.lost_ops,
         })
     }
 
@@ -187,8 +264,13 @@ impl Counters {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TokenState {
-    Acked,
+    /// Acknowledged at commit index `index`.
+    Acked {
+        index: u64,
+    },
     Uncertain,
+    /// Acknowledged, but the master lost it ([`AppendLog::lose_after`]).
+    Lost,
 }
 
 #[derive(Default)]
@@ -197,7 +279,10 @@ struct AppendModel {
     tokens: Vec<HashMap<String, TokenState>>,
     acked_ops: u64,
     uncertain_ops: u64,
+    lost_ops: u64,
     max_acked_index: u64,
+    /// Indexes the master's binlog was cut back to ([`AppendLog::lose_after`]).
+    cuts: Vec<u64>,
 }
 
 /// Appends of unique tokens `"<client>-<n>;"` with a model of their outcomes.
@@ -212,6 +297,7 @@ pub struct AppendReport {
     pub tokens: Vec<usize>,
     pub acked_ops: u64,
     pub uncertain_ops: u64,
+    pub lost_ops: u64,
 }
 
 impl AppendLog {
@@ -239,14 +325,33 @@ impl AppendLog {
     }
 
     /// Records the outcome of appending `token` (as made by [`AppendLog::token`]) to key `k`.
+    /// The write counts as sent after every cut so far (see [`AppendLog::record_sent`]).
     pub fn record(&self, k: usize, token: &str, result: Result<u64, &tonic::Status>) {
+        let sent = self.model.lock().unwrap().cuts.len();
+        self.record_sent(sent, k, token, result);
+    }
+
+    /// As [`AppendLog::record`], for an append sent when `sent` cuts
+    /// ([`AppendLog::lose_after`]) had happened: acknowledged beyond a later
+    /// cut, it is lost.
+    pub fn record_sent(
+        &self,
+        sent: usize,
+        k: usize,
+        token: &str,
+        result: Result<u64, &tonic::Status>,
+    ) {
         let t = token.trim_end_matches(';').to_string();
         let mut m = self.model.lock().unwrap();
         let state = match result {
+            Ok(index) if lost_by_cuts(&m.cuts, sent, index) => {
+                m.lost_ops += 1;
+                TokenState::Lost
+            }
             Ok(index) => {
                 m.acked_ops += 1;
                 m.max_acked_index = m.max_acked_index.max(index);
-                TokenState::Acked
+                TokenState::Acked { index }
             }
             Err(_) => {
                 m.uncertain_ops += 1;
@@ -260,12 +365,36 @@ impl AppendLog {
         );
     }
 
+    /// The master's binlog was cut back to `index` (its unsynced tail lost):
+    /// acknowledged appends with a commit index beyond it become lost, and so
+    /// do those sent before this call and recorded later.
+    pub fn lose_after(&self, index: u64) {
+        let mut m = self.model.lock().unwrap();
+        m.cuts.push(index);
+        let mut lost = 0;
+        for state in m.tokens.iter_mut().flat_map(|t| t.values_mut()) {
+            if let TokenState::Acked { index: at } = *state
+                && at > index
+            {
+                *state = TokenState::Lost;
+                lost += 1;
+            }
+        }
+        m.acked_ops -= lost;
+        m.lost_ops += lost;
+    }
+
     pub fn max_acked_index(&self) -> u64 {
         self.model.lock().unwrap().max_acked_index
     }
 
     pub fn acked_ops(&self) -> u64 {
         self.model.lock().unwrap().acked_ops
+    }
+
+    /// Acknowledged appends the master lost ([`AppendLog::lose_after`]).
+    pub fn lost_ops(&self) -> u64 {
+        self.model.lock().unwrap().lost_ops
     }
 
     /// Checks stored values (`None` = absent = empty) against the model.
@@ -293,7 +422,7 @@ impl AppendLog {
                 *seen.entry(tok).or_default() += 1;
                 match m.tokens[i].get(tok) {
                     None => problems.push(format!("{key}: token {tok:?} was never sent")),
-                    Some(TokenState::Acked) => {
+                    Some(TokenState::Acked { .. }) => {
                         if let Some((c, n)) = parse_token(tok) {
                             if let Some(&prev) = last_n.get(&c)
                                 && prev >= n
@@ -305,7 +434,7 @@ impl AppendLog {
                             last_n.insert(c, n);
                         }
                     }
-                    Some(TokenState::Uncertain) => {}
+                    Some(TokenState::Uncertain | TokenState::Lost) => {}
                 }
             }
             for (tok, count) in &seen {
@@ -314,7 +443,7 @@ impl AppendLog {
                 }
             }
             for (tok, state) in &m.tokens[i] {
-                if *state == TokenState::Acked && !seen.contains_key(tok.as_str()) {
+                if matches!(state, TokenState::Acked { .. }) && !seen.contains_key(tok.as_str()) {
                     problems.push(format!("{key}: acknowledged token {tok:?} is missing"));
                 }
             }
@@ -333,6 +462,7 @@ impl AppendLog {
             tokens: found_per_key,
             acked_ops: m.acked_ops,
             uncertain_ops: m.uncertain_ops,
+            lost_ops: m.lost_ops,
         })
     }
 
@@ -355,6 +485,9 @@ pub struct Workload {
     pub counters: Counters,
     pub appends: AppendLog,
     next_client: AtomicU64,
+    /// Cuts made so far ([`Workload::lose_after`]); a request is sent "after"
+    /// the ones counted when it starts.
+    cuts: AtomicUsize,
 }
 
 /// Outcomes of a load run, by gRPC code.
@@ -402,7 +535,24 @@ impl Workload {
             counters: Counters::new("c", counter_keys),
             appends: AppendLog::new("a", append_keys),
             next_client: AtomicU64::new(1),
+            cuts: AtomicUsize::new(0),
         })
+    }
+
+    /// The master's binlog was cut back to `index`, as a power loss does to
+    /// its unsynced tail (`binlog.fsync = everysec | no`). Call it with the
+    /// master down, before it restarts: acknowledged writes with a commit index
+    /// beyond `index` become lost, including those still in flight (sent
+    /// before this call); writes sent after it are not affected.
+    pub fn lose_after(&self, index: u64) {
+        self.counters.lose_after(index);
+        self.appends.lose_after(index);
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Acknowledged writes the master lost ([`Workload::lose_after`]).
+    pub fn lost_ops(&self) -> u64 {
+        self.counters.lost_ops() + self.appends.lost_ops()
     }
 
     /// Starts `clients` concurrent clients against `url`, each on its own
@@ -449,6 +599,7 @@ impl Workload {
         let nc = self.counters.keys();
         let na = self.appends.keys();
         while !stop.load(Ordering::Relaxed) {
+            let sent = self.cuts.load(Ordering::SeqCst);
             let roll = rng.random_range(0..100);
             let result: Result<(), tonic::Status> = if roll < 45 || (na == 0 && roll < 85) {
                 let k = rng.random_range(0..nc);
@@ -460,7 +611,8 @@ impl Workload {
                     })
                     .await
                     .map(|r| r.into_inner().index);
-                self.counters.record(&[(k, delta)], r.as_ref().map(|i| *i));
+                self.counters
+                    .record_sent(sent, &[(k, delta)], r.as_ref().map(|i| *i));
                 r.map(|_| ())
             } else if roll < 85 {
                 let k = rng.random_range(0..na);
@@ -473,7 +625,8 @@ impl Workload {
                     })
                     .await
                     .map(|r| r.into_inner().index);
-                self.appends.record(k, &token, r.as_ref().map(|i| *i));
+                self.appends
+                    .record_sent(sent, k, &token, r.as_ref().map(|i| *i));
                 r.map(|_| ())
             } else {
                 let a = rng.random_range(0..nc);
@@ -492,7 +645,7 @@ impl Workload {
                     .await
                     .map(|r| r.into_inner().index);
                 self.counters
-                    .record(&[(a, da), (b, db)], r.as_ref().map(|i| *i));
+                    .record_sent(sent, &[(a, da), (b, db)], r.as_ref().map(|i| *i));
                 r.map(|_| ())
             };
             match result {
@@ -525,11 +678,14 @@ impl Workload {
         let c = self.counters.check(kv).await?;
         let a = self.appends.check(kv).await?;
         Ok(format!(
-            "counters: {} acked / {} uncertain writes; appends: {} acked / {} uncertain, {} tokens stored",
+            "counters: {} acked / {} uncertain / {} lost writes; appends: {} acked / {} \
+             uncertain / {} lost, {} tokens stored",
             c.acked_ops,
             c.uncertain_ops,
+            c.lost_ops,
             a.acked_ops,
             a.uncertain_ops,
+            a.lost_ops,
             a.tokens.iter().sum::<usize>()
         ))
     }
@@ -592,18 +748,18 @@ mod tests {
         tonic::Status::unavailable("down")
     }
 
+    /// Stored values, one per key.
+    fn vals(v: &[&str]) -> Vec<Option<Bytes>> {
+        v.iter().map(|s| Some(Bytes::from(s.to_string()))).collect()
+    }
+
     #[test]
     fn counters_exact_and_bounded() {
         let c = Counters::new("c", 2);
         c.record(&[(0, 5), (1, 7)], Ok(3));
         c.record(&[(0, 2)], Ok(5));
         c.record(&[(1, 10)], Err(&st()));
-        let v = |a: &str, b: &str| {
-            vec![
-                Some(Bytes::from(a.to_string())),
-                Some(Bytes::from(b.to_string())),
-            ]
-        };
+        let v = |a: &str, b: &str| vals(&[a, b]);
         assert!(c.check_values(&v("7", "7")).is_ok());
         assert!(c.check_values(&v("7", "17")).is_ok());
         // Lost acked increment.
@@ -623,7 +779,7 @@ mod tests {
         a.record(0, &AppendLog::token(1, 2), Err(&st()));
         a.record(0, &AppendLog::token(1, 3), Ok(9));
         a.record(0, &AppendLog::token(2, 1), Ok(4));
-        let v = |s: &str| vec![Some(Bytes::from(s.to_string()))];
+        let v = |s: &str| vals(&[s]);
         assert!(a.check_values(&v("1-1;2-1;1-3;")).is_ok());
         assert!(a.check_values(&v("1-1;2-1;1-2;1-3;")).is_ok());
         // Missing acked token.
@@ -637,5 +793,53 @@ mod tests {
         assert!(a.check_values(&v("1-3;2-1;1-1;")).is_err());
         // Torn.
         assert!(a.check_values(&v("1-1;2-1;1-3")).is_err());
+    }
+
+    #[test]
+    fn counters_lost_beyond_a_cut() {
+        let c = Counters::new("c", 2);
+        c.record(&[(0, 5)], Ok(3));
+        c.record(&[(0, 2), (1, 7)], Ok(8));
+        // Sent before the cut, answered after it.
+        let sent = 0;
+        c.lose_after(5);
+        c.record_sent(sent, &[(1, 100)], Ok(9));
+        // Sent after the cut: the new history reuses the lost indexes.
+        c.record_sent(1, &[(0, 1000)], Ok(6));
+        assert_eq!(c.acked_ops(), 2);
+        assert_eq!(c.lost_ops(), 2);
+        for (stored, ok) in [
+            // Lost writes absent, or present once.
+            (["1005", "0"], true),
+            (["1007", "107"], true),
+            // Twice, or an acked one missing.
+            (["1009", "0"], false),
+            (["1007", "207"], false),
+            (["5", "0"], false),
+        ] {
+            assert_eq!(c.check_values(&vals(&stored)).is_ok(), ok, "{stored:?}");
+        }
+    }
+
+    #[test]
+    fn appends_lost_beyond_a_cut() {
+        let a = AppendLog::new("a", 1);
+        a.record(0, &AppendLog::token(1, 1), Ok(2));
+        a.record(0, &AppendLog::token(1, 2), Ok(7));
+        a.lose_after(4);
+        a.record_sent(0, 0, &AppendLog::token(2, 1), Ok(9));
+        a.record_sent(1, 0, &AppendLog::token(1, 3), Ok(5));
+        assert_eq!(a.acked_ops(), 2);
+        assert_eq!(a.lost_ops(), 2);
+        for (stored, ok) in [
+            ("1-1;1-3;", true),
+            ("1-1;1-2;2-1;1-3;", true),
+            // A lost token twice, an acked one missing, a token never sent.
+            ("1-1;1-2;1-2;1-3;", false),
+            ("1-1;1-2;", false),
+            ("1-1;1-3;3-1;", false),
+        ] {
+            assert_eq!(a.check_values(&vals(&[stored])).is_ok(), ok, "{stored}");
+        }
     }
 }
