@@ -5,25 +5,13 @@
 //!
 //! A test binary of its own: it exhausts this process's descriptors on purpose.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
-use tern_common::config::{CommonArgs, Config, Role};
-use tern_common::server::{ConnectionStats, ServeOptions, serve};
+use support::{eventually, serve_options, start};
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-/// Polls `f` until it holds; panics after a generous bound.
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    for _ in 0..6000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never happened: {what}");
-}
+use tokio::net::TcpStream;
 
 /// Reads the first HTTP/2 frame header the server sends and checks it is SETTINGS.
 async fn expect_settings(client: &mut TcpStream) {
@@ -37,25 +25,8 @@ async fn expect_settings(client: &mut TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_emfile_backs_off_and_recovers() {
-    let cfg = Config::load_from_env(
-        Role::Master,
-        &CommonArgs::default(),
-        &[],
-        Some(Default::default()),
-    )
-    .unwrap();
-    let mut opts = ServeOptions::from_config(&cfg.server);
-    opts.idle_timeout = None;
-    let stats: Arc<ConnectionStats> = opts.connections.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(
-        listener,
-        tonic::service::Routes::builder().routes(),
-        opts,
-        shutdown.clone(),
-    ));
+    let server = start(serve_options(4096, None, Duration::from_secs(10))).await;
+    let (addr, stats) = (server.addr, server.stats.clone());
     let mut first = TcpStream::connect(addr).await.unwrap();
     expect_settings(&mut first).await;
     assert_eq!(stats.accepted(), 1);
@@ -81,8 +52,7 @@ async fn accept_emfile_backs_off_and_recovers() {
     eventually("the waiting client accepted", || stats.accepted() == 2).await;
     expect_settings(&mut second).await;
     assert_eq!(stats.open(), 2);
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    server.stop().await;
     // Both were idle: closed at shutdown, none had to be cut.
     assert_eq!((stats.idle_closed(), stats.aborted()), (2, 0));
 }
