@@ -1443,6 +1443,17 @@ async fn check(
                 .entry("observed: DbSync attempts cut by the knob")
                 .or_default() += knob_cuts;
         }
+        // Starts that came back behind the read floor: its reads were refused
+        // (UNAVAILABLE) until it had re-fetched what it served before.
+        let behind_floor = log
+            .matches("reads are refused until it is back there")
+            .count() as u64;
+        if behind_floor > 0 {
+            *report
+                .faults
+                .entry("observed: slave starts behind its read floor")
+                .or_default() += behind_floor;
+        }
         let proxy_cuts = s.proxy.stats().cuts.load(Ordering::Relaxed);
         if proxy_cuts > 0 {
             *report
