@@ -396,7 +396,9 @@ impl Committer {
             {
                 tracing::error!(error = %e, "binlog fsync at the stop failed");
             }
-            return Err(WriteError::Failed(why));
+            return Err(WriteError::Internal(format!(
+                "{why}; stopped so that start-up recovery reads what is on disk"
+            )));
         }
         if self.behind.is_some() && !self.catch_up() {
             tracing::warn!("stopping with the state behind the binlog; the next start replays it");
