@@ -233,3 +233,85 @@ async fn fsync_always_crash_keeps_the_history() {
         full
     );
 }
+
+/// Under everysec/no a power loss can take binlog events that RocksDB had
+/// already made durable (it flushes by itself when a memtable fills). The
+/// master must still start: it continues its binlog after the state and forks
+/// the history at the state's applied index. A slave at that index continues
+/// partially; one behind it (its events are gone) full-syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_ahead_of_a_lost_binlog_tail_continues_after_the_state() {
+    let dir = TestDir::new("diverged-state-ahead");
+    let env = env_with(&[
+        ("TERN__BINLOG__FSYNC", "everysec"),
+        ("TERN__SERVER__SHUTDOWN_TIMEOUT_MS", "2000"),
+    ]);
+    let mut master = Node::start_master(&dir.join("master"), &env, &[])
+        .await
+        .unwrap();
+    let url = master.url();
+    let level = Node::start_slave(&dir.join("level"), &url, &FAST, &[])
+        .await
+        .unwrap();
+    let behind = Node::start_slave(&dir.join("behind"), &url, &FAST, &[])
+        .await
+        .unwrap();
+    put_keys(&master, "a", 100).await;
+    let behind_at = converge(&master, &[&level, &behind]).await;
+    let behind_full = slave_counters(&behind.info().await.unwrap()).full_syncs;
+    sigstop_and_wait(&behind).await;
+    put_keys(&master, "b", 100).await;
+    let applied = converge(&master, &[&level]).await;
+    let level_full = slave_counters(&level.info().await.unwrap()).full_syncs;
+    let before = master.info().await.unwrap();
+
+    // RocksDB durable at `applied` (a clean stop flushes it), then the machine
+    // dies before anything records that the stop was clean, and the binlog
+    // loses events the state holds.
+    assert!(master.sigterm_and_wait().await.unwrap().success());
+    std::fs::remove_file(master.data_dir.join("CLEAN_SHUTDOWN")).unwrap();
+    let meta = tern_common::state::read_checkpoint_meta(&master.data_dir.join("db")).unwrap();
+    assert_eq!(meta.applied_index, applied);
+    let boundaries: Vec<u64> = binlog_boundaries(&master.data_dir)
+        .unwrap()
+        .into_iter()
+        .filter(|&b| b > behind_at && b < applied)
+        .collect();
+    let cut = boundaries[boundaries.len() / 2];
+    lose_binlog_tail(&master.data_dir, cut).unwrap();
+
+    let info = master.restart().await.unwrap();
+    assert_eq!(info.applied_index, applied);
+    assert_eq!(info.last_index, applied);
+    assert_eq!(
+        info.first_index,
+        applied + 1,
+        "the binlog continues after the state"
+    );
+    assert_ne!(info.repl_id, before.repl_id);
+    assert_eq!(info.histories.len(), 1, "{:?}", info.histories);
+    assert_eq!(info.histories[0].repl_id, before.repl_id);
+    assert_eq!(info.histories[0].end_index, applied);
+
+    put_keys(&master, "c", 50).await;
+    behind.sigcont().unwrap();
+    let target = converge(&master, &[&level, &behind]).await;
+    let mc = master.checksum().await.unwrap();
+    assert_eq!(mc.index, target);
+    assert_eq!(mc.keys, 250);
+    assert_eq!(level.checksum().await.unwrap(), mc);
+    assert_eq!(behind.checksum().await.unwrap(), mc);
+    let li = level.info().await.unwrap();
+    assert_eq!(
+        slave_counters(&li).full_syncs,
+        level_full,
+        "the slave at the state's index continues partially: {}",
+        describe_slave(&li)
+    );
+    let bi = behind.info().await.unwrap();
+    assert!(
+        slave_counters(&bi).full_syncs > behind_full,
+        "the slave behind the lost events full-syncs: {}",
+        describe_slave(&bi)
+    );
+}

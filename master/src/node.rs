@@ -149,7 +149,7 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         .context("reading the clean-shutdown marker")?;
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
-    let (binlog, report) = Binlog::open(
+    let (mut binlog, report) = Binlog::open(
         &dir.join("binlog"),
         BinlogOptions {
             segment_bytes: cfg.binlog.segment_bytes,
@@ -174,6 +174,9 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
                 .as_deref()
                 .map_or(cfg.binlog.fsync != FsyncPolicy::Always, |p| p != "always");
             if !clean_shutdown && shipped_undurable {
+                if state.applied_index() > binlog.last_index() {
+                    continue_binlog_after_state(&mut binlog, &state)?;
+                }
                 (fork_history(&state, h, binlog.last_index())?, false)
             } else {
                 (h, clean_shutdown)
@@ -194,9 +197,9 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     state.set_running_fsync(cfg.binlog.fsync.as_str())?;
     anyhow::ensure!(
         state.applied_index() <= binlog.last_index(),
-        "RocksDB has applied index {} but the binlog ends at {}: the binlog lost its tail \
-         (fsync = no or everysec and a power loss?). Refusing to start; restore the binlog or \
-         start a new master from this data",
+        "RocksDB has applied index {} but the binlog ends at {}, after a clean stop or with \
+         binlog.fsync = always: the binlog lost events that were durable. Refusing to start; \
+         restore the binlog or start a new master from this data",
         state.applied_index(),
         binlog.last_index()
     );
@@ -215,6 +218,29 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         replayed_on_start,
         clean_shutdown,
     })
+}
+
+/// Under `fsync = everysec | no` a power loss can take binlog events that
+/// RocksDB had already made durable (a memtable flush RocksDB started by itself,
+/// or the one it does when it is closed after a failed fsync): the state is then
+/// ahead of the binlog. Those events did exist (the committer wrote them before
+/// applying them, and what it shipped is what it wrote), so the history really
+/// reaches the state's applied index; only the binlog lost them. The binlog
+/// continues right after the state: slaves at the applied index continue,
+/// slaves behind it need a full sync (their events are gone), and the caller
+/// starts a new history whose parent ends at the applied index.
+fn continue_binlog_after_state(binlog: &mut Binlog, state: &State) -> anyhow::Result<()> {
+    let (applied, last) = (state.applied_index(), binlog.last_index());
+    tracing::warn!(
+        applied,
+        binlog_last = last,
+        "RocksDB holds events the binlog lost (a power loss with binlog.fsync = everysec or \
+         no): continuing the binlog after the state's applied index; slaves behind it will \
+         need a full sync"
+    );
+    binlog
+        .reset(applied + 1, Some(state.last_seq()))
+        .with_context(|| format!("restarting the binlog at {}", applied + 1))
 }
 
 /// Ends the current history at `end` (the last index the binlog still holds)
