@@ -3,7 +3,8 @@
 //! and master, SIGTERM, freezes past the link timeout, slow apply, link drop /
 //! blackhole / latency / bandwidth cap / cut mid-batch, wipe + DbSync cut,
 //! torn and bad-CRC relay tails, a corrupted record in the middle of a sealed
-//! relay segment. Each run prints its seed and schedule (replay one with
+//! relay segment; and, with the master on `binlog.fsync = everysec`/`no`, a
+//! master that loses its unsynced binlog tail. Each run prints its seed and schedule (replay one with
 //! `tern-chaos --seed N --runs 1`) and must end with no divergence: every
 //! acknowledged write exactly once on every node, equal Checksums, relay logs
 //! identical to the master's binlog, no duplicate skipped, and every sampled
@@ -18,11 +19,15 @@ use tern_integration::TestDir;
 use tern_integration::chaos::{self, ChaosConfig, Totals};
 
 async fn run_seed(seed: u64) {
+    run_seed_for(seed, Duration::from_secs(30)).await;
+}
+
+async fn run_seed_for(seed: u64, duration: Duration) {
     let dir = TestDir::new(&format!("chaos-{seed}"));
     let cfg = ChaosConfig {
         seed,
         slaves: 2,
-        duration: Duration::from_secs(30),
+        duration,
         dir: dir.path().to_path_buf(),
         clients: 4,
     };
@@ -57,6 +62,23 @@ async fn chaos_seed_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_seed_3() {
     run_seed(3).await;
+}
+
+/// A schedule whose master runs with `binlog.fsync = everysec`/`no` and loses
+/// its unsynced binlog tail (I8): slaves beyond the cut are told DIVERGED and
+/// full-sync (they run with `slave.resync_when_ahead`), the others continue
+/// partially, writes acknowledged beyond the cut count as lost (at most once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_seed_302_master_loses_its_unsynced_tail() {
+    let duration = Duration::from_secs(20);
+    let s = chaos::Schedule::generate(302, 2, duration);
+    assert!(
+        s.steps
+            .iter()
+            .any(|(_, f)| matches!(f, chaos::Fault::MasterLosesTail { .. })),
+        "seed 302 no longer loses the master's tail; pick another seed:\n{s}"
+    );
+    run_seed_for(302, duration).await;
 }
 
 /// The same seed gives the same schedule.

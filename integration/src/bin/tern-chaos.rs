@@ -71,6 +71,10 @@ async fn main() -> anyhow::Result<()> {
         {
             break;
         }
+        if let Some(d) = &cli.dir {
+            std::fs::create_dir_all(d)
+                .map_err(|e| anyhow::anyhow!("creating --dir {}: {e}", d.display()))?;
+        }
         let tmp = tempfile::Builder::new()
             .prefix(&format!("tern-chaos-{seed}-"))
             .tempdir_in(cli.dir.clone().unwrap_or_else(std::env::temp_dir))?;
