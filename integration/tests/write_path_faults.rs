@@ -739,15 +739,15 @@ async fn binlog_fsync_failure_stops_the_master_and_a_restart_recovers_what_is_on
     // full tmpfs) sometimes reports a failed block write to the fsync after the
     // one that wrote it, so a write acknowledged just before can be missing
     // after the repair (a device that lies): then the master must refuse to
-    // start, saying the binlog lost its tail, rather than serve a state its
-    // binlog cannot back.
+    // start (with fsync = always the binlog lost events that were durable),
+    // rather than serve a state its binlog cannot back.
     fs::remove_file(lfs.backing.0.join("filler")).unwrap();
     lfs.repair().unwrap();
     let info = match master.restart().await {
         Ok(info) => info,
         Err(e) => {
             assert!(
-                support::log_count(&master, "the binlog lost its tail") > 0,
+                support::log_count(&master, "the binlog lost events that were durable") > 0,
                 "restart failed for another reason: {e:#}"
             );
             eprintln!("the volume lost an acknowledged write; the master refused to start: {e:#}");
