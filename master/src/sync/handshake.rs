@@ -1,0 +1,290 @@
+//! The start of a sync session: TrySync validation and the first-send ack.
+//!
+//! ```text
+//! slave: TrySync(repl_id, index, seq) ─▶ validate ─▶ TrySyncResponse(Ok, session_id)
+//! slave: BinlogAck(first_send, index) ─▶ must equal the validated index (F2)
+//! ```
+//!
+//! A position is accepted only when it is a prefix of this master's log (I8)
+//! and a transaction boundary it still stores. The session's pin is taken
+//! before validating (under a provisional owner), so either it holds the
+//! binlog or the check sees it purged.
+
+use std::sync::atomic::Ordering;
+
+use tern_common::history::HistoryError;
+use tern_common::position::{Position, ReplId};
+use tern_common::proto::replication::v1 as pb;
+use tern_common::record::EventKind;
+use tonic::{Status, Streaming};
+
+use super::{Outbound, Outcome, SyncShared, master_msg};
+use crate::pins::{PinGuard, SLAVE_PREFIX};
+
+impl SyncShared {
+    /// Decides whether the master can continue a slave from `(repl_id, index)`
+    /// with `seq` the slave's transaction ending there: the position must be a
+    /// prefix of this master's log (I8: its current history, or an ancestor at
+    /// or before where it ended), a transaction boundary still stored (or just
+    /// purged up to), and the master's Commit at `index` must carry the same seq.
+    /// A slave without a history (empty repl id) always gets a full sync.
+    fn check_position(
+        &self,
+        repl_id: &str,
+        index: u64,
+        seq: u64,
+    ) -> Result<(), (pb::FullSyncReason, String)> {
+        use pb::FullSyncReason as R;
+        if repl_id.is_empty() {
+            return Err((R::UnknownReplId, "new slave: full sync".to_string()));
+        }
+        let Ok(slave_repl) = repl_id.parse::<ReplId>() else {
+            return Err((
+                R::UnknownReplId,
+                format!("repl id {repl_id:?} is not a repl id"),
+            ));
+        };
+        let position = Position {
+            repl_id: slave_repl,
+            index: index.into(),
+        };
+        match self.histories.check(position) {
+            Ok(()) => {}
+            Err(e @ HistoryError::Unknown(_)) => return Err((R::UnknownReplId, e.to_string())),
+            Err(e @ HistoryError::Diverged { .. }) => return Err((R::Diverged, e.to_string())),
+        }
+        let last = self.progress.last_index.load(Ordering::Acquire);
+        let first = self.progress.first_index.load(Ordering::Acquire);
+        if index > last {
+            return Err((
+                R::AheadOfMaster,
+                format!("index {index} is ahead of the master's last index {last}"),
+            ));
+        }
+        if index + 1 < first {
+            return Err((
+                R::Purged,
+                format!("events after {index} are purged; the binlog starts at {first}"),
+            ));
+        }
+        if index == 0 {
+            return Ok(());
+        }
+        // Read the event at `index` (when still stored: it must be the Commit of
+        // the slave's transaction) and the one after it (a Begin, unless `index`
+        // is the last), in one pass.
+        let from = index.max(first);
+        let to = (index + 1).min(last);
+        if from > to {
+            return Ok(());
+        }
+        let mut reader = self.new_reader();
+        let events = match tokio::task::block_in_place(|| {
+            reader.seek(from)?;
+            reader.read_events(from, (to - from + 1) as usize)
+        }) {
+            Ok(evs) => evs,
+            Err(e) => {
+                return Err((
+                    R::Purged,
+                    format!("cannot read the binlog around {index}: {e}"),
+                ));
+            }
+        };
+        for ev in &events {
+            match (&ev.kind, ev.index == index) {
+                (EventKind::Commit { seq: ours }, true) if *ours == seq => {}
+                (EventKind::Commit { seq: ours }, true) => {
+                    return Err((
+                        R::Diverged,
+                        format!(
+                            "the slave's transaction at {index} has seq {seq}, the master's has \
+                             seq {ours}: different histories"
+                        ),
+                    ));
+                }
+                (_, true)
+                | (
+                    EventKind::Put { .. } | EventKind::Delete { .. } | EventKind::Commit { .. },
+                    false,
+                ) => {
+                    return Err((
+                        R::NotABoundary,
+                        format!("index {index} is not a transaction boundary"),
+                    ));
+                }
+                (EventKind::Begin { .. }, false) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The ancestor histories, as TrySyncResponse carries them.
+    fn history_list(&self) -> Vec<pb::History> {
+        self.histories.replication_list()
+    }
+}
+
+/// A session the handshake accepted.
+pub(super) struct Accepted {
+    pub slave_id: String,
+    pub session_id: u64,
+    /// The validated TrySync index, confirmed by the first-send ack.
+    pub index: u64,
+    /// The session's binlog pin, at `index`.
+    pub pin: PinGuard,
+}
+
+pub(super) async fn recv(
+    shared: &SyncShared,
+    inbound: &mut Streaming<pb::SlaveMessage>,
+) -> Result<Option<pb::slave_message::Msg>, Outcome> {
+    tokio::select! {
+        m = inbound.message() => match m {
+            Ok(Some(m)) => Ok(m.msg),
+            Ok(None) => Err(Outcome::SlaveClosed),
+            Err(s) => Err(Outcome::LinkLost(s.message().to_string())),
+        },
+        _ = tokio::time::sleep(shared.cfg.link_timeout()) => Err(Outcome::LinkTimeout),
+        _ = shared.shutdown.cancelled() => Err(Outcome::Shutdown),
+    }
+}
+
+/// Runs the handshake up to and including the first-send ack. `slave_id_out`
+/// and `session_id_out` are set as soon as they are known, so the caller can
+/// mark the slave's row when the session ends however it ends.
+pub(super) async fn handshake(
+    shared: &SyncShared,
+    inbound: &mut Streaming<pb::SlaveMessage>,
+    tx: &Outbound,
+    slave_id_out: &mut String,
+    session_id_out: &mut u64,
+) -> Result<Result<Accepted, Outcome>, Status> {
+    use pb::slave_message::Msg;
+    let span = tracing::Span::current();
+    // 1. TrySync.
+    let try_sync = match recv(shared, inbound).await {
+        Ok(Some(Msg::TrySync(t))) => t,
+        Ok(_) => {
+            return Err(Status::invalid_argument(
+                "the first message of a Sync stream must be TrySync",
+            ));
+        }
+        Err(o) => return Ok(Err(o)),
+    };
+    if try_sync.slave_id.is_empty() || try_sync.slave_id.len() > 256 {
+        return Err(Status::invalid_argument(
+            "TrySync.slave_id must be 1 to 256 bytes",
+        ));
+    }
+    let slave_id = try_sync.slave_id.clone();
+    *slave_id_out = slave_id.clone();
+    let index = try_sync.index;
+    span.record("slave_id", slave_id.as_str());
+    span.record("start_index", index);
+    // Pin before validating: retention publishes the new first index before it
+    // lets go of the pins, so either this pin holds the binlog or the check
+    // below sees it purged. Under a provisional owner, so a refused TrySync
+    // never takes the pin of a live session of the same slave.
+    let provisional = shared
+        .pins
+        .pin(format!("{SLAVE_PREFIX}{slave_id}/try_sync"), index);
+    let first = shared.progress.first_index.load(Ordering::Acquire);
+    let last = shared.progress.last_index.load(Ordering::Acquire);
+    if let Err((reason, message)) = shared.check_position(&try_sync.repl_id, index, try_sync.seq) {
+        drop(provisional);
+        tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
+        shared.registry.update(&slave_id, |e| {
+            e.addr = try_sync.addr.clone();
+            e.state = "need_full_sync";
+            e.session_id = 0;
+        });
+        let resp = pb::TrySyncResponse {
+            code: pb::TrySyncCode::NeedFullSync as i32,
+            reason: reason as i32,
+            message,
+            repl_id: shared.repl_id.to_string(),
+            first_index: first,
+            last_index: last,
+            session_id: 0,
+            histories: shared.history_list(),
+        };
+        let _ = tx
+            .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))
+            .await;
+        return Ok(Err(Outcome::NeedFullSync(reason)));
+    }
+    // This session's pin replaces any older session's of the same slave.
+    let pin = shared.pins.pin(format!("{SLAVE_PREFIX}{slave_id}"), index);
+    drop(provisional);
+    // Its own pin now holds the binlog: a snapshot it came from may go.
+    shared.snapshots.slave_connected(&slave_id);
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    *session_id_out = session_id;
+    span.record("session_id", session_id);
+    shared.registry.update(&slave_id, |e| {
+        e.addr = try_sync.addr.clone();
+        e.state = "wait_first_ack";
+        e.session_id = session_id;
+        e.received = index;
+        e.applied = index;
+    });
+    let resp = pb::TrySyncResponse {
+        code: pb::TrySyncCode::Ok as i32,
+        reason: pb::FullSyncReason::Unspecified as i32,
+        message: String::new(),
+        repl_id: shared.repl_id.to_string(),
+        first_index: first,
+        last_index: last,
+        session_id,
+        histories: shared.history_list(),
+    };
+    if tx
+        .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))
+        .await
+        .is_err()
+    {
+        return Ok(Err(Outcome::SlaveClosed));
+    }
+    // 2. The first-send ack must carry exactly the validated index (F2).
+    loop {
+        match recv(shared, inbound).await {
+            Err(o) => return Ok(Err(o)),
+            Ok(Some(Msg::Ack(a))) if a.session_id != session_id => {
+                shared.stale_messages.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(stale = a.session_id, "ignoring ack of another session");
+            }
+            Ok(Some(Msg::Ack(a))) => {
+                if !a.first_send {
+                    return Err(Status::failed_precondition(
+                        "expected the first-send BinlogAck before any other ack",
+                    ));
+                }
+                if a.received_index != index {
+                    return Err(Status::failed_precondition(format!(
+                        "first-send ack index {} is not the TrySync index {index}",
+                        a.received_index
+                    )));
+                }
+                break;
+            }
+            Ok(Some(Msg::Heartbeat(_))) | Ok(None) => {}
+            Ok(Some(Msg::TrySync(_))) => {
+                return Err(Status::failed_precondition(
+                    "TrySync sent twice on one stream",
+                ));
+            }
+        }
+    }
+    shared.partial_syncs.fetch_add(1, Ordering::Relaxed);
+    shared
+        .registry
+        .update_session(&slave_id, session_id, |e| e.state = "streaming");
+    tracing::info!(index, "slave connected; streaming binlog");
+    Ok(Ok(Accepted {
+        slave_id,
+        session_id,
+        index,
+        pin,
+    }))
+}
