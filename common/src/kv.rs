@@ -6,7 +6,11 @@
 //! the oldest state it may serve, because it served one that new before a crash
 //! or a relay log repair; reads wait for it like they wait for `min_index` and
 //! are refused with UNAVAILABLE if it is not reached in time, so reads on one
-//! slave never go back in time. Writes are validated here (sizes, empty keys)
+//! slave never go back in time. A read waiting this way gives its slot of the
+//! Kv concurrency budget back while it waits ([`Slot::park`]): parked reads
+//! never hold up writes or other reads, and their number is bounded on its
+//! own. A `Scan` answer holds at most [`limits::MAX_SCAN_BYTES`] of keys and
+//! values and says `more` when it stopped early. Writes are validated here (sizes, empty keys)
 //! and handed to a [`Writer`]; a node without one (a slave) answers
 //! FAILED_PRECONDITION "read-only replica".
 
@@ -20,9 +24,13 @@ use tonic::{Request, Response, Status};
 
 use crate::limits::{self, LimitError};
 use crate::proto::kv::v1 as pb;
+use crate::server::budgets::Slot;
 use crate::state::State;
 
-/// Longest `wait_ms` honoured for a `min_index` read.
+/// Longest `wait_ms` honoured for a `min_index` read. A waiting read holds no
+/// slot of the Kv budget (see [`Slot::park`]), so the length of the wait does
+/// not decide how many requests the node can run; the server's request
+/// timeout (`server.request_timeout_ms`) may still end a wait before this.
 pub const MAX_WAIT_MS: u32 = 60_000;
 /// How long a read below the [`ReadFloor`] waits when its request says `wait_ms = 0`.
 pub const FLOOR_WAIT_MS: u32 = 1000;
@@ -129,8 +137,14 @@ impl KvService {
     /// Waits, at most `wait_ms`, until the applied index reaches both
     /// `min_index` and the read floor. A read still below the floor is refused
     /// with UNAVAILABLE (it waits [`FLOOR_WAIT_MS`] when `wait_ms` is 0); one
-    /// below `min_index` only is OUT_OF_RANGE.
-    async fn wait_applied(&self, min_index: u64, wait_ms: u32) -> Result<(), Status> {
+    /// below `min_index` only is OUT_OF_RANGE. Under a budget (`slot`) the
+    /// wait is parked: RESOURCE_EXHAUSTED when too many reads are parked.
+    async fn wait_applied(
+        &self,
+        min_index: u64,
+        wait_ms: u32,
+        slot: Option<Arc<Slot>>,
+    ) -> Result<(), Status> {
         let floor = self.floor.as_ref().map_or(0, |f| f.index);
         let target = min_index.max(floor);
         let applied = *self.applied.borrow();
@@ -144,7 +158,16 @@ impl KvService {
         };
         let wait = Duration::from_millis(wait_ms.min(MAX_WAIT_MS) as u64);
         let mut rx = self.applied.clone();
-        match tokio::time::timeout(wait, rx.wait_for(|a| *a >= target)).await {
+        let waited = async {
+            tokio::time::timeout(wait, rx.wait_for(|a| *a >= target))
+                .await
+                .map(|r| r.map(drop))
+        };
+        let waited = match slot {
+            Some(slot) => slot.park(waited).await?,
+            None => waited.await,
+        };
+        match waited {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Status::unavailable("node is shutting down")),
             Err(_) => {
@@ -328,9 +351,10 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let slot = req.extensions().get::<Arc<Slot>>().cloned();
         let req = req.into_inner();
         limits::check_key(&req.key).map_err(invalid)?;
-        self.wait_applied(req.min_index, req.wait_ms).await?;
+        self.wait_applied(req.min_index, req.wait_ms, slot).await?;
         let (value, index) = self.state.get_at(&req.key).map_err(internal)?;
         Ok(Response::new(pb::GetResponse {
             found: value.is_some(),
@@ -343,6 +367,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         req: Request<pb::ScanRequest>,
     ) -> Result<Response<pb::ScanResponse>, Status> {
+        let slot = req.extensions().get::<Arc<Slot>>().cloned();
         let req = req.into_inner();
         if req.start.len() > limits::MAX_KEY_BYTES || req.end.len() > limits::MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -356,18 +381,19 @@ impl pb::kv_server::Kv for KvService {
                 req.limit
             )));
         }
-        self.wait_applied(req.min_index, req.wait_ms).await?;
+        self.wait_applied(req.min_index, req.wait_ms, slot).await?;
         let limit = if req.limit == 0 {
             DEFAULT_SCAN_LIMIT
         } else {
             req.limit
         } as usize;
         let state = self.state.clone();
-        let (items, index, more) =
-            tokio::task::spawn_blocking(move || state.scan(&req.start, &req.end, limit))
-                .await
-                .map_err(internal)?
-                .map_err(internal)?;
+        let (items, index, more) = tokio::task::spawn_blocking(move || {
+            state.scan(&req.start, &req.end, limit, limits::MAX_SCAN_BYTES)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
         Ok(Response::new(pb::ScanResponse {
             items: items
                 .into_iter()

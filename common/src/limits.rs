@@ -10,6 +10,10 @@ pub const MAX_TXN_OPS: usize = 10_000;
 pub const MAX_TXN_BYTES: usize = 64 << 20;
 /// Largest gRPC message a server accepts: a full Txn plus framing.
 pub const MAX_MESSAGE_BYTES: usize = MAX_TXN_BYTES + (4 << 20);
+/// Keys plus values one `Scan` answer holds at most (4 MiB); an answer
+/// stops before the entry that would cross it (but holds at least one entry,
+/// so a value larger than this is served alone) and says `more`.
+pub const MAX_SCAN_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LimitError {

@@ -1,7 +1,8 @@
 //! The one gRPC port of a node: its services plus server reflection (v1 and
 //! v1alpha, so `grpcurl list` works without proto files) and the standard health
-//! service, behind tower middleware (a node-wide concurrency limit and a request
-//! timeout). Also the `tern.admin.v1.Admin` service, whose `Info` each role fills in.
+//! service, behind tower middleware (a concurrency budget per service, see
+//! [`budgets`], and a request timeout). Also the `tern.admin.v1.Admin` service,
+//! whose `Info` each role fills in.
 //!
 //! Resources ([`connections`], [`fd_limit`]): at most `server.max_connections`
 //! connections (lowered to what the open-file limit leaves room for), idle ones
@@ -11,6 +12,7 @@
 //! the same token and end); after `server.shutdown_timeout_ms` every connection
 //! still open is cut, whatever its clients do, and [`serve`] returns.
 
+pub mod budgets;
 pub mod connections;
 pub mod fd_limit;
 
@@ -75,9 +77,13 @@ impl AdminService {
 impl pb::admin_server::Admin for AdminService {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let mut info = self.info.info();
+        if let Some(r) = req.extensions().get::<Arc<budgets::RequestStats>>() {
+            info.requests_in_flight = u32::try_from(r.in_flight()).unwrap_or(u32::MAX);
+            info.counters.get_or_insert_default().requests_shed = r.shed();
+        }
         if let Some(c) = &self.connections {
             info.connections = u32::try_from(c.open()).unwrap_or(u32::MAX);
         }
@@ -220,9 +226,7 @@ pub async fn serve(
         .layer(connections::TrackStreamsLayer {
             shutdown: shutdown.clone(),
         })
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            opts.max_concurrent_requests,
-        ))
+        .layer(budgets::BudgetsLayer::new(opts.max_concurrent_requests))
         .into_inner();
     let stats = opts.connections.clone();
     // Cancelled `shutdown_timeout` after `shutdown`: every connection's I/O fails.
@@ -249,6 +253,7 @@ pub async fn serve(
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(budgets::MAX_CONCURRENT_STREAMS)
         .layer(layer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {

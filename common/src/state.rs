@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, Direction, FlushOptions, IteratorMode, Options, ReadOptions,
-    WriteBatch, WriteOptions,
+    ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions,
 };
 use sha2::{Digest, Sha256};
 
@@ -256,15 +256,20 @@ impl State {
         Ok((snap.get_pinned(key)?.map(|v| v.to_vec()), index))
     }
 
-    /// Keys in `[start, end)` (empty `end` = unbounded), at most `limit`, from one
+    /// Keys in `[start, end)` (empty `end` = unbounded), at most `limit` and at
+    /// most `max_bytes` of keys plus values (but always at least one item, so
+    /// a value larger than `max_bytes` is still served, alone), from one
     /// snapshot; returns the items, the applied index they are exactly at and
-    /// whether more keys remain.
+    /// whether more keys remain. Entries are copied only once they fit: the
+    /// memory a scan holds is bounded by `max_bytes` plus one entry, whatever
+    /// the sizes of the values after it.
     #[allow(clippy::type_complexity)]
     pub fn scan(
         &self,
         start: &[u8],
         end: &[u8],
         limit: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, u64, bool), StateError> {
         let snap = self.inner.db.snapshot();
         let index = self.index_at(&snap)?;
@@ -272,15 +277,25 @@ impl State {
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let iter = snap.iterator_opt(IteratorMode::From(start, Direction::Forward), ro);
+        // A scan passing over large values must not evict what point reads use.
+        ro.fill_cache(false);
+        let mut it = snap.raw_iterator_opt(ro);
+        it.seek(start);
         let mut items = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            if items.len() == limit {
+        let mut bytes = 0usize;
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let size = k.len() + v.len();
+            if items.len() == limit || (!items.is_empty() && bytes + size > max_bytes) {
                 return Ok((items, index, true));
             }
+            bytes += size;
             items.push((k.to_vec(), v.to_vec()));
+            it.next();
         }
+        it.status()?;
         Ok((items, index, false))
     }
 
@@ -429,7 +444,7 @@ mod tests {
         assert_eq!(s.last_seq(), 2);
         assert_eq!(s.get(b"a").unwrap(), None);
         assert_eq!(s.get(b"b").unwrap(), Some(b"2".to_vec()));
-        let (items, index, more) = s.scan(b"", b"", 10).unwrap();
+        let (items, index, more) = s.scan(b"", b"", 10, usize::MAX).unwrap();
         assert_eq!(index, 9);
         assert!(!more);
         assert_eq!(
@@ -439,12 +454,20 @@ mod tests {
                 (b"c".to_vec(), b"3".to_vec())
             ]
         );
-        let (items, _, more) = s.scan(b"b", b"c", 10).unwrap();
+        let (items, _, more) = s.scan(b"b", b"c", 10, usize::MAX).unwrap();
         assert_eq!(items.len(), 1);
         assert!(!more);
-        let (items, _, more) = s.scan(b"", b"", 1).unwrap();
+        let (items, _, more) = s.scan(b"", b"", 1, usize::MAX).unwrap();
         assert_eq!(items.len(), 1);
         assert!(more);
+        // The byte budget: "b"+"2" fits in 2 bytes, "c"+"3" does not; one item
+        // is served even when it alone is over the budget.
+        let (items, _, more) = s.scan(b"", b"", 10, 2).unwrap();
+        assert_eq!((items.len(), more), (1, true));
+        let (items, _, more) = s.scan(b"", b"", 10, 1).unwrap();
+        assert_eq!((items.len(), more), (1, true));
+        let (items, _, more) = s.scan(b"", b"", 10, 4).unwrap();
+        assert_eq!((items.len(), more), (2, false));
     }
 
     #[test]

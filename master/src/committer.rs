@@ -95,8 +95,13 @@ pub enum WriteError {
         "append would make the value at key {key:?} {len} bytes; the limit is {MAX_VALUE_BYTES}"
     )]
     ValueTooLarge { key: String, len: usize },
-    #[error("txn would write {bytes} bytes of final values; the limit is {MAX_TXN_WRITE_BYTES}")]
-    TxnTooLarge { bytes: usize },
+    /// `what`: "write" (final keys and values) or "read" (stored values).
+    #[error("txn would {what} {bytes} bytes of keys and values; the limit is {limit}")]
+    TxnTooLarge {
+        what: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("the master is shutting down")]
     ShuttingDown,
     /// The binlog append failed and was undone. `exhausted`: a resource ran out
@@ -851,20 +856,23 @@ impl Committer {
 
     /// Runs one transaction: returns its writes (after-images, in order) and the
     /// result of each op, or the first error (then nothing of it is kept).
+    ///
+    /// Its cost is bounded while it runs: each key's value is read from the
+    /// group or RocksDB at most once (reads count against
+    /// [`MAX_TXN_READ_BYTES`]), Appends to one key extend one buffer (a value
+    /// is copied at most once per Put or first read, never once per Append),
+    /// and the size of the final after-images is kept as ops run, so a Txn
+    /// over [`MAX_TXN_WRITE_BYTES`] stops at the op that crosses it.
     #[allow(clippy::type_complexity)]
     fn execute(
         &self,
         ops: &[WriteOp],
         group: &Overlay,
     ) -> Result<(Vec<(Bytes, Option<Bytes>)>, Vec<OpOutcome>), WriteError> {
-        let mut local: HashMap<Bytes, Option<Bytes>> = HashMap::new();
-        // Keys in the order first written; each is logged once, with its final value.
-        let mut order: Vec<Bytes> = Vec::with_capacity(ops.len());
+        let mut txn = TxnValues::default();
         let mut results = Vec::with_capacity(ops.len());
-        let read = |local: &HashMap<Bytes, Option<Bytes>>,
-                    key: &Bytes|
-         -> Result<Option<Bytes>, WriteError> {
-            if let Some(v) = local.get(key).or_else(|| group.get(key)) {
+        let read = |key: &Bytes| -> Result<Option<Bytes>, WriteError> {
+            if let Some(v) = group.get(key) {
                 return Ok(v.clone());
             }
             self.state
@@ -873,13 +881,19 @@ impl Committer {
                 .map_err(|e| WriteError::Internal(format!("rocksdb read: {e}")))
         };
         for op in ops {
-            let (key, value, outcome) = match op {
-                WriteOp::Put { key, value } => (key.clone(), Some(value.clone()), OpOutcome::Put),
-                WriteOp::Delete { key } => (key.clone(), None, OpOutcome::Delete),
+            let outcome = match op {
+                WriteOp::Put { key, value } => {
+                    txn.set(key, Pending::Shared(value.clone()))?;
+                    OpOutcome::Put
+                }
+                WriteOp::Delete { key } => {
+                    txn.set(key, Pending::Deleted)?;
+                    OpOutcome::Delete
+                }
                 WriteOp::IncrBy { key, delta } => {
-                    let current = match read(&local, key)? {
+                    let current = match txn.current(key, read)?.bytes() {
                         None => 0,
-                        Some(v) => parse_i64(&v).ok_or_else(|| WriteError::NotAnInteger {
+                        Some(v) => parse_i64(v).ok_or_else(|| WriteError::NotAnInteger {
                             key: String::from_utf8_lossy(key).into_owned(),
                         })?,
                     };
@@ -890,45 +904,157 @@ impl Committer {
                             value: current,
                             delta: *delta,
                         })?;
-                    (
-                        key.clone(),
-                        Some(Bytes::from(next.to_string())),
-                        OpOutcome::IncrBy(next),
-                    )
+                    txn.set(key, Pending::Shared(Bytes::from(next.to_string())))?;
+                    OpOutcome::IncrBy(next)
                 }
                 WriteOp::Append { key, value } => {
-                    let mut v = read(&local, key)?.map(|b| b.to_vec()).unwrap_or_default();
-                    if v.len() + value.len() > MAX_VALUE_BYTES {
+                    let len = txn.current(key, read)?.len() + value.len();
+                    if len > MAX_VALUE_BYTES {
                         return Err(WriteError::ValueTooLarge {
                             key: String::from_utf8_lossy(key).into_owned(),
-                            len: v.len() + value.len(),
+                            len,
                         });
                     }
-                    v.extend_from_slice(value);
-                    let len = v.len() as u64;
-                    (key.clone(), Some(Bytes::from(v)), OpOutcome::Append(len))
+                    txn.append(key, value)?;
+                    OpOutcome::Append(len as u64)
                 }
             };
-            if local.insert(key.clone(), value).is_none() {
-                order.push(key);
-            }
             results.push(outcome);
         }
-        let writes: Vec<(Bytes, Option<Bytes>)> = order
+        Ok((txn.into_writes(), results))
+    }
+}
+
+/// Largest total of stored values one transaction may read (IncrBy and
+/// Append read a key's value the first time they touch it).
+const MAX_TXN_READ_BYTES: usize = MAX_TXN_WRITE_BYTES;
+
+/// A key's value while a transaction runs.
+enum Pending {
+    Deleted,
+    /// A value as read or as sent (not copied).
+    Shared(Bytes),
+    /// A value Appends extend in place.
+    Owned(Vec<u8>),
+}
+
+impl Pending {
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Pending::Deleted => None,
+            Pending::Shared(b) => Some(b),
+            Pending::Owned(v) => Some(v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().map_or(0, <[u8]>::len)
+    }
+}
+
+/// The values one transaction has touched, in the order first touched, with
+/// the running cost of its reads and of its final after-images.
+#[derive(Default)]
+struct TxnValues {
+    values: HashMap<Bytes, Pending>,
+    order: Vec<Bytes>,
+    /// Keys plus final values of every touched key.
+    write_bytes: usize,
+    /// Stored values read into the transaction.
+    read_bytes: usize,
+}
+
+impl TxnValues {
+    /// The key's value in the transaction, read (once) from `read` when the
+    /// transaction has not touched it yet.
+    fn current(
+        &mut self,
+        key: &Bytes,
+        read: impl FnOnce(&Bytes) -> Result<Option<Bytes>, WriteError>,
+    ) -> Result<&Pending, WriteError> {
+        if !self.values.contains_key(key) {
+            let value = match read(key)? {
+                Some(v) => {
+                    self.read_bytes += v.len();
+                    if self.read_bytes > MAX_TXN_READ_BYTES {
+                        return Err(WriteError::TxnTooLarge {
+                            what: "read",
+                            bytes: self.read_bytes,
+                            limit: MAX_TXN_READ_BYTES,
+                        });
+                    }
+                    Pending::Shared(v)
+                }
+                None => Pending::Deleted,
+            };
+            self.insert(key, value)?;
+        }
+        Ok(&self.values[key])
+    }
+
+    fn set(&mut self, key: &Bytes, value: Pending) -> Result<(), WriteError> {
+        self.insert(key, value).map(drop)
+    }
+
+    /// Appends `tail` to the key's value (which [`TxnValues::current`] loaded).
+    fn append(&mut self, key: &Bytes, tail: &[u8]) -> Result<(), WriteError> {
+        let Some(slot) = self.values.get_mut(key) else {
+            return Err(WriteError::Internal(
+                "append to a key the transaction has not read".into(),
+            ));
+        };
+        match slot {
+            Pending::Owned(v) => v.extend_from_slice(tail),
+            other => {
+                let mut v = Vec::with_capacity(other.len() + tail.len());
+                v.extend_from_slice(other.bytes().unwrap_or_default());
+                v.extend_from_slice(tail);
+                *other = Pending::Owned(v);
+            }
+        }
+        self.charge(tail.len(), 0)
+    }
+
+    /// Sets the key's value; the first time a key is touched it is also
+    /// added to the log order.
+    fn insert(&mut self, key: &Bytes, value: Pending) -> Result<(), WriteError> {
+        let new = value.len();
+        match self.values.insert(key.clone(), value) {
+            Some(old) => self.charge(new, old.len()),
+            None => {
+                self.order.push(key.clone());
+                self.charge(key.len() + new, 0)
+            }
+        }
+    }
+
+    /// Final after-images grow by `added` and shrink by `removed` bytes.
+    fn charge(&mut self, added: usize, removed: usize) -> Result<(), WriteError> {
+        self.write_bytes = self.write_bytes.saturating_sub(removed) + added;
+        if self.write_bytes > MAX_TXN_WRITE_BYTES {
+            return Err(WriteError::TxnTooLarge {
+                what: "write",
+                bytes: self.write_bytes,
+                limit: MAX_TXN_WRITE_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    /// The after-images, each key once with its final value, in the order
+    /// first touched.
+    fn into_writes(mut self) -> Vec<(Bytes, Option<Bytes>)> {
+        self.order
             .into_iter()
             .map(|k| {
-                let v = local.remove(&k).flatten();
+                let v = match self.values.remove(&k) {
+                    Some(Pending::Shared(b)) => Some(b),
+                    Some(Pending::Owned(v)) => Some(Bytes::from(v)),
+                    Some(Pending::Deleted) | None => None,
+                };
                 (k, v)
             })
-            .collect();
-        let bytes: usize = writes
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
-            .sum();
-        if bytes > MAX_TXN_WRITE_BYTES {
-            return Err(WriteError::TxnTooLarge { bytes });
-        }
-        Ok((writes, results))
+            .collect()
     }
 }
 
