@@ -164,8 +164,8 @@ impl KvService {
                 .map(|r| r.map(drop))
         };
         let waited = match slot {
-            Some(slot) => slot.park(waited).await?,
-            None => waited.await,
+            Some(slot) if !wait.is_zero() => slot.park(waited).await?,
+            _ => waited.await,
         };
         match waited {
             Ok(Ok(_)) => Ok(()),

@@ -1078,3 +1078,71 @@ fn io_cause(e: &BinlogError) -> String {
 fn parse_i64(v: &[u8]) -> Option<i64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
+    }
+
+    #[test]
+    fn appends_share_one_buffer_and_each_key_is_logged_once() {
+        let mut t = TxnValues::default();
+        let stored = Bytes::from(vec![b'v'; 1000]);
+        let mut reads = 0;
+        for _ in 0..3 {
+            t.current(&b("k"), |_| {
+                reads += 1;
+                Ok(Some(stored.clone()))
+            })
+            .unwrap();
+            t.append(&b("k"), b"x").unwrap();
+        }
+        // Read once, copied once into the buffer Appends extend.
+        assert_eq!(reads, 1);
+        assert!(matches!(t.values[&b("k")], Pending::Owned(ref v) if v.len() == 1003));
+        t.set(&b("d"), Pending::Shared(b("1"))).unwrap();
+        t.set(&b("d"), Pending::Deleted).unwrap();
+        assert_eq!(t.read_bytes, 1000);
+        assert_eq!(t.write_bytes, 1 + 1003 + 1);
+        let mut want = vec![b'v'; 1000];
+        want.extend_from_slice(b"xxx");
+        assert_eq!(
+            t.into_writes(),
+            vec![(b("k"), Some(Bytes::from(want))), (b("d"), None)]
+        );
+    }
+
+    #[test]
+    fn budgets_stop_the_op_that_crosses_them() {
+        let mut t = TxnValues::default();
+        let half = Bytes::from(vec![0; MAX_TXN_WRITE_BYTES / 2]);
+        t.set(&b("a"), Pending::Shared(half.clone())).unwrap();
+        assert_eq!(
+            t.set(&b("b"), Pending::Shared(half.clone())),
+            Err(WriteError::TxnTooLarge {
+                what: "write",
+                bytes: MAX_TXN_WRITE_BYTES + 2,
+                limit: MAX_TXN_WRITE_BYTES,
+            })
+        );
+        // A read is charged even when the key is deleted afterwards.
+        let mut t = TxnValues::default();
+        let third = Bytes::from(vec![0; MAX_TXN_READ_BYTES / 3 + 1]);
+        for (i, k) in ["x", "y"].iter().enumerate() {
+            t.current(&b(k), |_| Ok(Some(third.clone()))).unwrap();
+            t.set(&b(k), Pending::Deleted).unwrap();
+            assert_eq!(t.read_bytes, (i + 1) * third.len());
+        }
+        assert_eq!(
+            t.current(&b("z"), |_| Ok(Some(third.clone()))).err(),
+            Some(WriteError::TxnTooLarge {
+                what: "read",
+                bytes: 3 * third.len(),
+                limit: MAX_TXN_READ_BYTES,
+            })
+        );
+    }
+}
