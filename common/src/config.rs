@@ -99,7 +99,10 @@ pub struct BinlogConfig {
     pub retain_bytes: u64,
     /// Keep binlog segments at least this long (0 = no age-based purge).
     pub retain_secs: u64,
-    /// Hard cap: above it the binlog is purged even if a slave still needs it.
+    /// Hard cap: above it the binlog is purged even if a slave still needs it
+    /// (that slave then needs a full sync). 0 = no cap. On by default, so a
+    /// slave that stays connected without acknowledging (or one far behind)
+    /// cannot fill the master's disk: 8 × `retain_bytes`.
     pub max_retain_bytes: u64,
 }
 
@@ -110,7 +113,7 @@ impl Default for BinlogConfig {
             segment_bytes: 64 << 20,
             retain_bytes: 1 << 30,
             retain_secs: 0,
-            max_retain_bytes: 0,
+            max_retain_bytes: 8 << 30,
         }
     }
 }
@@ -129,6 +132,16 @@ pub struct SyncConfig {
     /// Master: a full-sync snapshot (checkpoint) no stream has used for this
     /// long is deleted and its binlog pin released.
     pub snapshot_idle_ms: u64,
+    /// Master: most concurrent `Sync` streams (more get RESOURCE_EXHAUSTED).
+    pub max_sessions: usize,
+    /// Master: most concurrent `DbSync` streams (more get RESOURCE_EXHAUSTED).
+    pub max_db_syncs: usize,
+    /// Master: a new full-sync checkpoint at most this often; within it a
+    /// `DbSync` shares the newest live snapshot, or gets RESOURCE_EXHAUSTED
+    /// with when to retry when there is none.
+    pub snapshot_min_interval_ms: u64,
+    /// Master: bytes per second one `DbSync` stream sends at most (0 = no cap).
+    pub fullsync_bytes_per_sec: u64,
 }
 
 impl Default for SyncConfig {
@@ -140,6 +153,10 @@ impl Default for SyncConfig {
             window_bytes: 64 << 20,
             batch_bytes: 1 << 20,
             snapshot_idle_ms: 60_000,
+            max_sessions: 32,
+            max_db_syncs: 4,
+            snapshot_min_interval_ms: 30_000,
+            fullsync_bytes_per_sec: 0,
         }
     }
 }

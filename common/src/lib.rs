@@ -15,6 +15,8 @@
 //! - [`window`]: the per-slave sync window (in-flight batches, in-order acks).
 //! - [`kv`], [`server`]: the Kv service, the Admin service and the one-port gRPC server.
 //! - [`replay`]: applying binlog events to the state in whole transactions.
+//! - [`wire`]: Replication messages from the network as checked domain types.
+//! - [`status`]: the gRPC status for bad input and exhausted limits, in one place.
 
 pub mod binlog;
 pub mod boundary;
@@ -31,5 +33,7 @@ pub mod replay;
 pub mod server;
 pub mod signals;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 pub mod window;
+pub mod wire;

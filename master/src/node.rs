@@ -106,6 +106,8 @@ impl InfoSource for MasterInfo {
             binlog_bytes: p.binlog_bytes.load(Ordering::Acquire),
             version: env!("CARGO_PKG_VERSION").into(),
             slaves: self.sync.slave_infos(),
+            sync_sessions: self.sync.sync_sessions(),
+            db_sync_streams: self.sync.db_sync_streams(),
             pins: self
                 .pins
                 .list()
@@ -116,6 +118,8 @@ impl InfoSource for MasterInfo {
                 full_syncs: self.sync.full_syncs.load(Ordering::Relaxed),
                 partial_syncs: self.sync.partial_syncs.load(Ordering::Relaxed),
                 stale_messages: self.sync.stale_messages.load(Ordering::Relaxed),
+                sessions_refused: self.sync.sessions_refused.load(Ordering::Relaxed),
+                sessions_dropped: self.sync.sessions_dropped.load(Ordering::Relaxed),
                 transactions_committed: p.transactions.load(Ordering::Relaxed),
                 commit_groups: p.groups.load(Ordering::Relaxed),
                 write_errors: p.write_errors.load(Ordering::Relaxed),
@@ -300,6 +304,7 @@ pub async fn run(
         pins.clone(),
         progress.clone(),
         Duration::from_millis(cfg.sync.snapshot_idle_ms),
+        Duration::from_millis(cfg.sync.snapshot_min_interval_ms),
     );
     let snapshot_gc = snapshots.spawn_gc(shutdown.clone());
     tracing::info!(

@@ -7,6 +7,10 @@
 //! session, at the slave's received index) and `snapshot:<id>` (a full-sync
 //! checkpoint, at its applied index).
 //!
+//! A pin belongs to its holder (the [`PinGuard`]), not to the owner name: two
+//! sessions using the same slave id each hold their own pin, and one of them
+//! ending (or moving its pin) never strips the other's.
+//!
 //! Registering a pin and purging are serialised by the registry's lock: the
 //! committer holds [`Pins::lock`] while it decides, purges and publishes the
 //! new first index, so a pin set before that sees the binlog kept, and one set
@@ -21,45 +25,47 @@ pub const SLAVE_PREFIX: &str = "slave:";
 /// Owner prefix of a full-sync snapshot's pin.
 pub const SNAPSHOT_PREFIX: &str = "snapshot:";
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
+    owner: String,
     index: u64,
-    /// Which holder set it last: an older holder of the same owner name (a
-    /// slave's previous session) can neither move nor release it.
-    token: u64,
 }
+
+/// Pins by holder token.
+type Entries = HashMap<u64, Entry>;
 
 /// The registry, shared by the committer, sync sessions and snapshots.
 #[derive(Default)]
 pub struct Pins {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     next_token: AtomicU64,
 }
 
 /// The registry while locked (see the module docs).
 pub struct PinsLocked<'a> {
-    entries: MutexGuard<'a, HashMap<String, Entry>>,
+    entries: MutexGuard<'a, Entries>,
 }
 
 impl PinsLocked<'_> {
     /// Smallest pin whose owner starts with `prefix` (any owner for `""`).
     pub fn min_with_prefix(&self, prefix: &str) -> Option<u64> {
         self.entries
-            .iter()
-            .filter(|(o, _)| o.starts_with(prefix))
-            .map(|(_, e)| e.index)
+            .values()
+            .filter(|e| e.owner.starts_with(prefix))
+            .map(|e| e.index)
             .min()
     }
 
-    /// Owners whose pin is below `index`, sorted.
+    /// Owners with a pin below `index`, sorted, each once.
     pub fn owners_below(&self, index: u64) -> Vec<String> {
         let mut v: Vec<String> = self
             .entries
-            .iter()
-            .filter(|(_, e)| e.index < index)
-            .map(|(o, _)| o.clone())
+            .values()
+            .filter(|e| e.index < index)
+            .map(|e| e.owner.clone())
             .collect();
         v.sort();
+        v.dedup();
         v
     }
 }
@@ -69,7 +75,7 @@ impl Pins {
         Arc::new(Pins::default())
     }
 
-    fn entries(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn entries(&self) -> MutexGuard<'_, Entries> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (every update is a single insert or remove): keep going.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
@@ -82,11 +88,17 @@ impl Pins {
         }
     }
 
-    /// Pins `owner` at `index`, replacing whoever held that owner name. The
-    /// pin is released when the returned guard is dropped.
+    /// Pins `owner` at `index` for the returned holder; other holders of the
+    /// same owner name keep theirs. Released when the guard is dropped.
     pub fn pin(self: &Arc<Pins>, owner: String, index: u64) -> PinGuard {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.entries().insert(owner.clone(), Entry { index, token });
+        self.entries().insert(
+            token,
+            Entry {
+                owner: owner.clone(),
+                index,
+            },
+        );
         PinGuard {
             pins: self.clone(),
             owner,
@@ -94,20 +106,20 @@ impl Pins {
         }
     }
 
-    /// Every pin, sorted by owner, for `Admin.Info`.
+    /// Every owner with its smallest pin, sorted by owner, for `Admin.Info`.
     pub fn list(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
-            .entries()
-            .iter()
-            .map(|(o, e)| (o.clone(), e.index))
-            .collect();
+        let mut by_owner: HashMap<String, u64> = HashMap::new();
+        for e in self.entries().values() {
+            let i = by_owner.entry(e.owner.clone()).or_insert(e.index);
+            *i = (*i).min(e.index);
+        }
+        let mut v: Vec<(String, u64)> = by_owner.into_iter().collect();
         v.sort();
         v
     }
 }
 
-/// A held pin; moving it or dropping it only affects the registry while this
-/// holder is still the owner's latest.
+/// A held pin; moving it or dropping it only affects this holder's pin.
 pub struct PinGuard {
     pins: Arc<Pins>,
     owner: String,
@@ -117,9 +129,7 @@ pub struct PinGuard {
 impl PinGuard {
     /// Moves the pin to `index` (the owner now needs the events after it).
     pub fn update(&self, index: u64) {
-        if let Some(e) = self.pins.entries().get_mut(&self.owner)
-            && e.token == self.token
-        {
+        if let Some(e) = self.pins.entries().get_mut(&self.token) {
             e.index = index;
         }
     }
@@ -131,13 +141,7 @@ impl PinGuard {
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
-        let mut entries = self.pins.entries();
-        if entries
-            .get(&self.owner)
-            .is_some_and(|e| e.token == self.token)
-        {
-            entries.remove(&self.owner);
-        }
+        self.pins.entries().remove(&self.token);
     }
 }
 
@@ -146,17 +150,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn newer_holder_wins_and_older_release_is_ignored() {
+    fn holders_of_one_owner_name_keep_their_own_pins() {
         let pins = Pins::new();
-        let old = pins.pin("slave:a".into(), 10);
-        let new = pins.pin("slave:a".into(), 20);
-        old.update(5);
-        assert_eq!(pins.list(), vec![("slave:a".to_string(), 20)]);
-        drop(old);
-        assert_eq!(pins.list(), vec![("slave:a".to_string(), 20)]);
-        new.update(30);
+        let live = pins.pin("slave:a".into(), 10);
+        // A second session with the same slave id: its pin and its end leave
+        // the live session's pin where it was.
+        let rogue = pins.pin("slave:a".into(), 20);
+        rogue.update(40);
+        assert_eq!(pins.list(), vec![("slave:a".to_string(), 10)]);
+        drop(rogue);
+        assert_eq!(pins.list(), vec![("slave:a".to_string(), 10)]);
+        assert_eq!(pins.lock().owners_below(11), vec!["slave:a".to_string()]);
+        live.update(30);
         assert_eq!(pins.lock().min_with_prefix(SLAVE_PREFIX), Some(30));
-        drop(new);
+        drop(live);
         assert!(pins.list().is_empty());
     }
 

@@ -20,6 +20,11 @@
 //! if that is enough to get under the cap, and are ignored too only when it
 //! is not (the disk is protected first; the snapshot then expires and the
 //! slaves downloading it start a new full sync).
+//!
+//! The cap is on by default (8 GiB, 8 × the default `retain_bytes`): without
+//! it one connected session that never acknowledges, or a slave far behind,
+//! pins the binlog until the disk is full and the master stops writing. A cap
+//! set below `retain_bytes` is raised to it (the size rule keeps that much).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -43,7 +48,10 @@ impl Policy {
         Policy {
             retain_bytes: c.retain_bytes,
             retain_secs: c.retain_secs,
-            max_retain_bytes: c.max_retain_bytes,
+            max_retain_bytes: match c.max_retain_bytes {
+                0 => 0,
+                cap => cap.max(c.retain_bytes),
+            },
         }
     }
 }

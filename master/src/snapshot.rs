@@ -10,6 +10,11 @@
 //!   [`REUSE_WINDOW`] ago (slaves asking at about the same time share one);
 //!   otherwise it makes a new one. Concurrent creations are serialised, so the
 //!   second request waits for the first one's checkpoint and shares it.
+//! - A new checkpoint is made at most every `sync.snapshot_min_interval_ms`:
+//!   within it a `DbSync` shares the newest live snapshot (it is only older;
+//!   its pin holds the binlog after it), or, when there is none, gets
+//!   RESOURCE_EXHAUSTED saying when to retry. So no client can make the master
+//!   write checkpoints back to back.
 //! - Each stream holds a [`SnapshotLease`]. The snapshot (directory and pin)
 //!   is removed by a GC task once no stream uses it and **every slave that used
 //!   it is done with it**: a slave that downloaded it whole is done when it
@@ -57,6 +62,11 @@ pub enum SnapshotError {
     Purged { index: u64, first: u64 },
     #[error("checkpoint holds replication id {found}, not this master's {expected}")]
     WrongReplId { found: String, expected: ReplId },
+    #[error(
+        "a full-sync snapshot was made {made_ms} ms ago and none is live to share \
+         (sync.snapshot_min_interval_ms)"
+    )]
+    TooSoon { made_ms: u64, retry_after: Duration },
     #[error("snapshot task failed: {0}")]
     Task(String),
     #[error("file {name} of snapshot {id} changed or vanished: {detail}")]
@@ -216,6 +226,10 @@ pub struct SnapshotManager {
     pins: Arc<Pins>,
     progress: Arc<Progress>,
     idle: Duration,
+    /// Least time between two new checkpoints.
+    min_interval: Duration,
+    /// When the last checkpoint was made.
+    last_made: Mutex<Option<Instant>>,
     snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// Serialises creation so that requests arriving together share one.
     creating: tokio::sync::Mutex<()>,
@@ -242,6 +256,7 @@ impl SnapshotManager {
         pins: Arc<Pins>,
         progress: Arc<Progress>,
         idle: Duration,
+        min_interval: Duration,
     ) -> Arc<SnapshotManager> {
         Arc::new(SnapshotManager {
             root: data_dir.join(SNAPSHOTS_DIR),
@@ -250,6 +265,8 @@ impl SnapshotManager {
             pins,
             progress,
             idle,
+            min_interval,
+            last_made: Mutex::new(None),
             snapshots: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
         })
@@ -300,7 +317,26 @@ impl SnapshotManager {
                 return Ok(Self::lease_of(snap, slave_id));
             }
         }
+        let last_made = *self.last_made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(made) = last_made
+            && made.elapsed() < self.min_interval
+        {
+            let map = self.map();
+            if let Some(snap) = map.values().filter(|s| s.alive()).max_by_key(|s| s.created) {
+                tracing::info!(
+                    snapshot_id = %snap.id,
+                    index = snap.index,
+                    "sharing the newest snapshot (sync.snapshot_min_interval_ms)"
+                );
+                return Ok(Self::lease_of(snap, slave_id));
+            }
+            return Err(SnapshotError::TooSoon {
+                made_ms: made.elapsed().as_millis() as u64,
+                retry_after: self.min_interval - made.elapsed(),
+            });
+        }
         let snap = Arc::new(self.create().await?);
+        *self.last_made.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let mut map = self.map();
         let lease = Self::lease_of(&snap, slave_id);
         map.insert(snap.id.clone(), snap);

@@ -11,11 +11,13 @@
 //! ([`crate::snapshot`]); an empty `snapshot_id` gets a fresh (or recent,
 //! shared) one, a given one resumes it or is NOT_FOUND when it has gone.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tern_common::proto::replication::v1 as pb;
+use tern_common::wire::DbSyncReq;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -26,12 +28,10 @@ use crate::snapshot::{SnapshotError, SnapshotLease};
 
 /// Bytes of snapshot data in one `FileChunk`.
 pub const DB_SYNC_CHUNK_BYTES: usize = 1 << 20;
+/// Smallest chunk under a bandwidth cap.
+const MIN_PACED_CHUNK_BYTES: usize = 16 << 10;
 /// How often a `DbSync` stream logs its progress.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(2);
-/// Most `have` entries one `DbSyncRequest` may carry.
-const MAX_HAVE: usize = 1 << 20;
-/// Longest snapshot id accepted.
-const MAX_SNAPSHOT_ID: usize = 128;
 
 pub type DbSyncStream = ReceiverStream<Result<pb::DbSyncChunk, Status>>;
 
@@ -55,11 +55,13 @@ pub(super) async fn serve(
         %remote,
     );
     tern_common::telemetry::extract_context(&span, req.metadata());
-    let req = req.into_inner();
-    let slave_id = req.slave_id.clone();
-    let shared = shared.clone();
-    let prepared = span.in_scope(|| prepare_db_sync(&shared, &req));
-    let (resumed, starts) = match prepared {
+    let prepared = span.in_scope(|| {
+        let req = DbSyncReq::try_from(req.into_inner())?;
+        let slot = shared.take_slot(&shared.db_syncs, "DbSync streams", "sync.max_db_syncs")?;
+        let (resumed, starts) = prepare_db_sync(&shared, &req)?;
+        Ok::<_, Status>((req.slave_id, slot, resumed, starts))
+    });
+    let (slave_id, slot, resumed, starts) = match prepared {
         Ok(x) => x,
         Err(status) => {
             span.record("outcome", status.message());
@@ -73,6 +75,7 @@ pub(super) async fn serve(
     let span2 = span.clone();
     tokio::spawn(
         async move {
+            let _slot = slot;
             // A new snapshot is made here, not before answering: a large
             // checkpoint's checksums may take longer than a request deadline.
             let result = match resumed {
@@ -103,6 +106,9 @@ impl From<SnapshotError> for Status {
     fn from(e: SnapshotError) -> Status {
         match e {
             SnapshotError::Purged { .. } => Status::unavailable(e.to_string()),
+            SnapshotError::TooSoon { retry_after, .. } => {
+                tern_common::status::exhausted(&e, retry_after)
+            }
             SnapshotError::WrongReplId { .. } => Status::failed_precondition(e.to_string()),
             SnapshotError::Io(_)
             | SnapshotError::State(_)
@@ -122,62 +128,45 @@ fn snapshot_gone(id: &str) -> Status {
 /// meaningful with the snapshot it refers to).
 fn prepare_db_sync(
     shared: &SyncShared,
-    req: &pb::DbSyncRequest,
+    req: &DbSyncReq,
 ) -> Result<(Option<SnapshotLease>, Vec<Option<u64>>), Status> {
-    let span = tracing::Span::current();
-    if req.slave_id.is_empty() || req.slave_id.len() > 256 {
-        return Err(Status::invalid_argument(
-            "DbSyncRequest.slave_id must be 1 to 256 bytes",
-        ));
-    }
-    span.record("slave_id", req.slave_id.as_str());
-    if req.snapshot_id.len() > MAX_SNAPSHOT_ID {
-        return Err(Status::invalid_argument(format!(
-            "DbSyncRequest.snapshot_id is longer than {MAX_SNAPSHOT_ID} bytes"
-        )));
-    }
-    if req.have.len() > MAX_HAVE {
-        return Err(Status::invalid_argument(format!(
-            "DbSyncRequest.have lists more than {MAX_HAVE} files"
-        )));
-    }
+    tracing::Span::current().record("slave_id", req.slave_id.as_str());
     if shared.shutdown.is_cancelled() {
         return Err(Status::unavailable("the master is shutting down"));
     }
-    if req.snapshot_id.is_empty() {
-        if let Some(h) = req.have.first() {
-            return Err(Status::invalid_argument(format!(
-                "have: {:?} without a snapshot_id; `have` resumes a given snapshot",
-                h.name
-            )));
-        }
+    let Some(snapshot_id) = &req.snapshot_id else {
         return Ok((None, Vec::new()));
-    }
+    };
     let lease = shared
         .snapshots
-        .lease(&req.snapshot_id, &req.slave_id)
-        .ok_or_else(|| snapshot_gone(&req.snapshot_id))?;
+        .lease(snapshot_id, &req.slave_id)
+        .ok_or_else(|| snapshot_gone(snapshot_id))?;
+    let by_name: HashMap<&str, usize> = lease
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name.as_str(), i))
+        .collect();
     let mut starts: Vec<Option<u64>> = vec![None; lease.files.len()];
-    for h in &req.have {
-        let Some(i) = lease.files.iter().position(|f| f.name == h.name) else {
+    for (name, offset) in &req.have {
+        let Some(&i) = by_name.get(name.as_str()) else {
             return Err(Status::invalid_argument(format!(
-                "have: {:?} is not a file of snapshot {}",
-                h.name, lease.id
+                "have: {name:?} is not a file of snapshot {}",
+                lease.id
             )));
         };
         if starts[i].is_some() {
             return Err(Status::invalid_argument(format!(
-                "have: {:?} is listed twice",
-                h.name
+                "have: {name:?} is listed twice"
             )));
         }
-        if h.offset > lease.files[i].size {
+        if *offset > lease.files[i].size {
             return Err(Status::invalid_argument(format!(
-                "have: offset {} of {:?} is beyond its size {}",
-                h.offset, h.name, lease.files[i].size
+                "have: offset {offset} of {name:?} is beyond its size {}",
+                lease.files[i].size
             )));
         }
-        starts[i] = Some(h.offset);
+        starts[i] = Some(*offset);
     }
     Ok((Some(lease), starts))
 }
@@ -217,6 +206,20 @@ impl From<SnapshotError> for Stop {
 }
 
 type DbSyncOutbound = mpsc::Sender<Result<pb::DbSyncChunk, Status>>;
+/// Waits until sending more keeps the stream at or under `rate` bytes per
+/// second since `started` (`sync.fullsync_bytes_per_sec`; 0 = no cap).
+async fn pace(shared: &SyncShared, started: Instant, sent: u64, rate: u64) -> Result<(), Stop> {
+    if rate == 0 {
+        return Ok(());
+    }
+    let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+    tokio::select! {
+        _ = tokio::time::sleep_until(due.into()) => Ok(()),
+        _ = shared.shutdown.cancelled() => Err(DbSyncOutcome::Shutdown.into()),
+    }
+}
+
+/// Sends one message of a `DbSync` stream (see [`send_bounded`]).
 async fn send_chunk(
     shared: &SyncShared,
     tx: &DbSyncOutbound,
@@ -275,6 +278,7 @@ async fn stream_snapshot(
         files = snap.files.len(),
         total_bytes = snap.total_bytes,
         bytes_to_send,
+        fullsync_bytes_per_sec = shared.cfg.fullsync_bytes_per_sec,
         "full sync: sending snapshot"
     );
     let started = Instant::now();
@@ -289,6 +293,7 @@ async fn stream_snapshot(
                 bytes_sent = sent,
                 secs = format!("{:.2}", started.elapsed().as_secs_f64()),
                 mb_per_s = mb_per_s(sent, started),
+                fullsync_bytes_per_sec = shared.cfg.fullsync_bytes_per_sec,
                 "full sync: snapshot sent"
             );
             Ok(DbSyncOutcome::Done { bytes_sent: sent })
@@ -326,6 +331,13 @@ async fn send_files(
     };
     send_chunk(shared, tx, pb::db_sync_chunk::Kind::Header(header)).await?;
     let mut last_log = Instant::now();
+    let rate = shared.cfg.fullsync_bytes_per_sec;
+    // Under a low cap, smaller chunks keep the stream moving every fraction of
+    // a second instead of bursting a whole chunk after a long pause.
+    let chunk_bytes = match rate {
+        0 => DB_SYNC_CHUNK_BYTES,
+        r => (r / 8).clamp(MIN_PACED_CHUNK_BYTES as u64, DB_SYNC_CHUNK_BYTES as u64) as usize,
+    };
     for (f, &has) in snap.files.iter().zip(have) {
         // A file the slave has whole is skipped; an empty one it does not have
         // still gets one empty chunk, so the slave creates it.
@@ -342,7 +354,8 @@ async fn send_files(
             if !snap.alive() {
                 return Err(snapshot_gone(&snap.id).into());
             }
-            let len = (f.size - offset).min(DB_SYNC_CHUNK_BYTES as u64) as usize;
+            let len = (f.size - offset).min(chunk_bytes as u64) as usize;
+            pace(shared, started, *sent, rate).await?;
             let data = {
                 let (s, f, file) = (snap.snapshot(), f.clone(), file.clone());
                 blocking(move || s.read_at(&file, &f, offset, len)).await?

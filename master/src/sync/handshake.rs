@@ -7,15 +7,18 @@
 //!
 //! A position is accepted only when it is a prefix of this master's log (I8)
 //! and a transaction boundary it still stores. The session's pin is taken
-//! before validating (under a provisional owner), so either it holds the
-//! binlog or the check sees it purged.
+//! before validating, so either it holds the binlog or the check sees it
+//! purged; it belongs to this session alone (see [`crate::pins`]), and a
+//! refused TrySync drops it and leaves no row in the registry.
 
 use std::sync::atomic::Ordering;
 
 use tern_common::history::HistoryError;
-use tern_common::position::{Position, ReplId};
+use tern_common::position::Position;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::record::EventKind;
+use tern_common::status::{Inbound, inbound};
+use tern_common::wire::{Ack, SlaveMsg, TrySyncRequest};
 use tonic::{Status, Streaming};
 
 use super::{Outbound, Outcome, SyncShared, master_msg};
@@ -30,24 +33,14 @@ impl SyncShared {
     /// A slave without a history (empty repl id) always gets a full sync.
     fn check_position(
         &self,
-        repl_id: &str,
-        index: u64,
+        position: Option<Position>,
         seq: u64,
     ) -> Result<(), (pb::FullSyncReason, String)> {
         use pb::FullSyncReason as R;
-        if repl_id.is_empty() {
+        let Some(position) = position else {
             return Err((R::UnknownReplId, "new slave: full sync".to_string()));
-        }
-        let Ok(slave_repl) = repl_id.parse::<ReplId>() else {
-            return Err((
-                R::UnknownReplId,
-                format!("repl id {repl_id:?} is not a repl id"),
-            ));
         };
-        let position = Position {
-            repl_id: slave_repl,
-            index: index.into(),
-        };
+        let index = position.index.get();
         match self.histories.check(position) {
             Ok(()) => {}
             Err(e @ HistoryError::Unknown(_)) => return Err((R::UnknownReplId, e.to_string())),
@@ -135,36 +128,48 @@ pub(super) struct Accepted {
     pub pin: PinGuard,
 }
 
+/// The next message of the stream, checked. `Err` ends the call with that
+/// status (a message that is not valid, over the size limit, undecodable);
+/// `Ok(Err)` ends the session without one.
 pub(super) async fn recv(
     shared: &SyncShared,
-    inbound: &mut Streaming<pb::SlaveMessage>,
-) -> Result<Option<pb::slave_message::Msg>, Outcome> {
+    inbound_stream: &mut Streaming<pb::SlaveMessage>,
+) -> Result<Result<SlaveMsg, Outcome>, Status> {
     tokio::select! {
-        m = inbound.message() => match m {
-            Ok(Some(m)) => Ok(m.msg),
-            Ok(None) => Err(Outcome::SlaveClosed),
-            Err(s) => Err(Outcome::LinkLost(s.message().to_string())),
+        m = inbound_stream.message() => checked(m),
+        _ = tokio::time::sleep(shared.cfg.link_timeout()) => Ok(Err(Outcome::LinkTimeout)),
+        _ = shared.shutdown.cancelled() => Ok(Err(Outcome::Shutdown)),
+    }
+}
+
+/// Converts what `Streaming::message` gave (see [`recv`]).
+pub(super) fn checked(
+    m: Result<Option<pb::SlaveMessage>, Status>,
+) -> Result<Result<SlaveMsg, Outcome>, Status> {
+    match m {
+        Ok(Some(m)) => Ok(Ok(SlaveMsg::try_from(m)?)),
+        Ok(None) => Ok(Err(Outcome::SlaveClosed)),
+        Err(s) => match inbound(s) {
+            Inbound::Refused(status) => Err(status),
+            Inbound::Gone(s) => Ok(Err(Outcome::LinkLost(s.message().to_string()))),
         },
-        _ = tokio::time::sleep(shared.cfg.link_timeout()) => Err(Outcome::LinkTimeout),
-        _ = shared.shutdown.cancelled() => Err(Outcome::Shutdown),
     }
 }
 
 /// Runs the handshake up to and including the first-send ack. `slave_id_out`
-/// and `session_id_out` are set as soon as they are known, so the caller can
-/// mark the slave's row when the session ends however it ends.
+/// and `session_id_out` are set once the session is accepted, so the caller
+/// can mark the slave's row when the session ends however it ends.
 pub(super) async fn handshake(
     shared: &SyncShared,
-    inbound: &mut Streaming<pb::SlaveMessage>,
+    inbound_stream: &mut Streaming<pb::SlaveMessage>,
     tx: &Outbound,
     slave_id_out: &mut String,
     session_id_out: &mut u64,
 ) -> Result<Result<Accepted, Outcome>, Status> {
-    use pb::slave_message::Msg;
     let span = tracing::Span::current();
     // 1. TrySync.
-    let try_sync = match recv(shared, inbound).await {
-        Ok(Some(Msg::TrySync(t))) => t,
+    let try_sync: TrySyncRequest = match recv(shared, inbound_stream).await? {
+        Ok(SlaveMsg::TrySync(t)) => t,
         Ok(_) => {
             return Err(Status::invalid_argument(
                 "the first message of a Sync stream must be TrySync",
@@ -172,32 +177,22 @@ pub(super) async fn handshake(
         }
         Err(o) => return Ok(Err(o)),
     };
-    if try_sync.slave_id.is_empty() || try_sync.slave_id.len() > 256 {
-        return Err(Status::invalid_argument(
-            "TrySync.slave_id must be 1 to 256 bytes",
-        ));
-    }
     let slave_id = try_sync.slave_id.clone();
-    *slave_id_out = slave_id.clone();
-    let index = try_sync.index;
+    let index = try_sync.index();
     span.record("slave_id", slave_id.as_str());
     span.record("start_index", index);
     // Pin before validating: retention publishes the new first index before it
     // lets go of the pins, so either this pin holds the binlog or the check
-    // below sees it purged. Under a provisional owner, so a refused TrySync
-    // never takes the pin of a live session of the same slave.
-    let provisional = shared
-        .pins
-        .pin(format!("{SLAVE_PREFIX}{slave_id}/try_sync"), index);
+    // below sees it purged. The pin is this session's own: it never replaces
+    // another session's of the same slave.
+    let pin = shared.pins.pin(format!("{SLAVE_PREFIX}{slave_id}"), index);
     let first = shared.progress.first_index.load(Ordering::Acquire);
     let last = shared.progress.last_index.load(Ordering::Acquire);
-    if let Err((reason, message)) = shared.check_position(&try_sync.repl_id, index, try_sync.seq) {
-        drop(provisional);
+    if let Err((reason, message)) = shared.check_position(try_sync.position, try_sync.seq) {
+        drop(pin);
         tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
-        shared.registry.update(&slave_id, |e| {
-            e.addr = try_sync.addr.clone();
+        shared.registry.update_if_gone(&slave_id, |e| {
             e.state = "need_full_sync";
-            e.session_id = 0;
         });
         let resp = pb::TrySyncResponse {
             code: pb::TrySyncCode::NeedFullSync as i32,
@@ -214,15 +209,13 @@ pub(super) async fn handshake(
             .await;
         return Ok(Err(Outcome::NeedFullSync(reason)));
     }
-    // This session's pin replaces any older session's of the same slave.
-    let pin = shared.pins.pin(format!("{SLAVE_PREFIX}{slave_id}"), index);
-    drop(provisional);
     // Its own pin now holds the binlog: a snapshot it came from may go.
     shared.snapshots.slave_connected(&slave_id);
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    *slave_id_out = slave_id.clone();
     *session_id_out = session_id;
     span.record("session_id", session_id);
-    shared.registry.update(&slave_id, |e| {
+    shared.registry.connect(&slave_id, |e| {
         e.addr = try_sync.addr.clone();
         e.state = "wait_first_ack";
         e.session_id = session_id;
@@ -248,28 +241,27 @@ pub(super) async fn handshake(
     }
     // 2. The first-send ack must carry exactly the validated index (F2).
     loop {
-        match recv(shared, inbound).await {
+        match recv(shared, inbound_stream).await? {
             Err(o) => return Ok(Err(o)),
-            Ok(Some(Msg::Ack(a))) if a.session_id != session_id => {
+            Ok(SlaveMsg::Ack(a)) if a.session_id() != session_id => {
                 shared.stale_messages.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(stale = a.session_id, "ignoring ack of another session");
+                tracing::debug!(stale = a.session_id(), "ignoring ack of another session");
             }
-            Ok(Some(Msg::Ack(a))) => {
-                if !a.first_send {
-                    return Err(Status::failed_precondition(
-                        "expected the first-send BinlogAck before any other ack",
-                    ));
-                }
-                if a.received_index != index {
+            Ok(SlaveMsg::Ack(Ack::FirstSend { index: got, .. })) => {
+                if got != index {
                     return Err(Status::failed_precondition(format!(
-                        "first-send ack index {} is not the TrySync index {index}",
-                        a.received_index
+                        "first-send ack index {got} is not the TrySync index {index}"
                     )));
                 }
                 break;
             }
-            Ok(Some(Msg::Heartbeat(_))) | Ok(None) => {}
-            Ok(Some(Msg::TrySync(_))) => {
+            Ok(SlaveMsg::Ack(Ack::Batch { .. })) => {
+                return Err(Status::failed_precondition(
+                    "expected the first-send BinlogAck before any other ack",
+                ));
+            }
+            Ok(SlaveMsg::Heartbeat(_)) => {}
+            Ok(SlaveMsg::TrySync(_)) => {
                 return Err(Status::failed_precondition(
                     "TrySync sent twice on one stream",
                 ));

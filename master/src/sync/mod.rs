@@ -37,7 +37,7 @@ pub use db_sync::DB_SYNC_CHUNK_BYTES;
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tern_common::binlog::BinlogReader;
@@ -70,6 +70,15 @@ pub struct SyncShared {
     shutdown: CancellationToken,
     registry: SlaveRegistry,
     next_session: AtomicU64,
+    /// Open `Sync` streams, at most `sync.max_sessions`.
+    sessions: Arc<Slots>,
+    /// Open `DbSync` streams, at most `sync.max_db_syncs`.
+    db_syncs: Arc<Slots>,
+    /// Sync and DbSync calls refused because their limit was reached.
+    pub sessions_refused: AtomicU64,
+    /// Sessions the master ended because the slave went silent (link
+    /// timeout) or left its window full without an ack (stalled).
+    pub sessions_dropped: AtomicU64,
     pub stale_messages: AtomicU64,
     pub partial_syncs: AtomicU64,
     pub full_syncs: AtomicU64,
@@ -91,6 +100,7 @@ impl SyncShared {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1)
             << 12;
+        let (max_sessions, max_db_syncs) = (cfg.max_sessions, cfg.max_db_syncs);
         Arc::new(SyncShared {
             repl_id: histories.current,
             histories,
@@ -101,6 +111,10 @@ impl SyncShared {
             cfg,
             shutdown,
             registry: SlaveRegistry::default(),
+            sessions: Slots::new(max_sessions),
+            db_syncs: Slots::new(max_db_syncs),
+            sessions_refused: AtomicU64::new(0),
+            sessions_dropped: AtomicU64::new(0),
             next_session: AtomicU64::new(base),
             stale_messages: AtomicU64::new(0),
             partial_syncs: AtomicU64::new(0),
@@ -110,6 +124,28 @@ impl SyncShared {
 
     fn new_reader(&self) -> BinlogReader {
         self.reader.lock().expect("reader template").clone()
+    }
+
+    /// Open `Sync` streams.
+    pub fn sync_sessions(&self) -> u32 {
+        self.sessions.in_use() as u32
+    }
+
+    /// Open `DbSync` streams.
+    pub fn db_sync_streams(&self) -> u32 {
+        self.db_syncs.in_use() as u32
+    }
+
+    /// A slot of `slots`, or RESOURCE_EXHAUSTED (counted) when all are taken.
+    fn take_slot(&self, slots: &Arc<Slots>, what: &str, key: &str) -> Result<Slot, Status> {
+        slots.take().ok_or_else(|| {
+            self.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(limit = slots.max, "{what}: {key} reached; refusing");
+            tern_common::status::exhausted(
+                format!("{what}: {} open, the limit ({key})", slots.max),
+                self.cfg.heartbeat(),
+            )
+        })
     }
 
     /// Per-slave rows for `Admin.Info`.
@@ -155,7 +191,46 @@ enum Outcome {
     SlaveClosed,
     LinkLost(String),
     LinkTimeout,
+    /// The window stayed full with no ack for a link timeout.
+    Stalled,
     Shutdown,
+}
+
+/// A counted limit on open streams.
+struct Slots {
+    max: usize,
+    in_use: std::sync::atomic::AtomicUsize,
+}
+
+/// One taken slot, given back on drop.
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            max,
+            in_use: Default::default(),
+        })
+    }
+
+    fn take(self: &Arc<Slots>) -> Option<Slot> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[tonic::async_trait]
@@ -180,20 +255,26 @@ impl pb::replication_server::Replication for ReplicationService {
             %remote,
         );
         tern_common::telemetry::extract_context(&span, req.metadata());
+        let slot = span.in_scope(|| {
+            self.shared
+                .take_slot(&self.shared.sessions, "Sync sessions", "sync.max_sessions")
+        })?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(self.shared.cfg.window_batches + 16);
         let shared = self.shared.clone();
         let span2 = span.clone();
         tokio::spawn(
             async move {
+                let _slot = slot;
                 let mut slave_id = String::new();
                 let mut session_id = 0;
                 let result =
                     run_session(&shared, inbound, &tx, &mut slave_id, &mut session_id).await;
                 if !slave_id.is_empty() {
-                    shared
-                        .registry
-                        .update_session(&slave_id, session_id, |e| e.state = "disconnected");
+                    shared.registry.disconnect(&slave_id, session_id);
+                }
+                if matches!(result, Ok(Outcome::LinkTimeout | Outcome::Stalled)) {
+                    shared.sessions_dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 match result {
                     Ok(outcome) => {

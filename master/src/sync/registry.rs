@@ -1,13 +1,25 @@
 //! The slave registry: what `Admin.Info` shows about each slave that held a
 //! sync session, keyed by slave id. A row belongs to the slave's latest
 //! session: an older session of a slave that reconnected never touches it.
+//!
+//! Bounded for peers that are authenticated but broken: only an accepted
+//! TrySync creates a row (a refused one only updates the row of a slave that
+//! is not connected), ids and addresses are capped by [`tern_common::wire`],
+//! a row whose slave has been gone for [`GONE_TTL`] is pruned, and at most
+//! [`MAX_ROWS`] rows are kept (the longest-gone go first).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tern_common::proto::admin::v1 as admin;
 
 use crate::committer::Progress;
+
+/// A row whose slave has been disconnected this long is removed.
+pub const GONE_TTL: Duration = Duration::from_secs(3600);
+/// Most rows kept.
+pub const MAX_ROWS: usize = 1024;
 
 /// What Info shows about one slave.
 #[derive(Clone, Debug, Default)]
@@ -17,6 +29,14 @@ pub(super) struct SlaveEntry {
     pub session_id: u64,
     pub received: u64,
     pub applied: u64,
+    /// Since when no session of this slave is connected.
+    pub gone_since: Option<Instant>,
+}
+
+impl SlaveEntry {
+    fn live(&self) -> bool {
+        self.gone_since.is_none()
+    }
 }
 
 #[derive(Default)]
@@ -55,11 +75,48 @@ impl SlaveRegistry {
         rows
     }
 
-    /// Creates or rewrites the slave's row.
-    pub fn update(&self, slave_id: &str, f: impl FnOnce(&mut SlaveEntry)) {
+    /// Creates or rewrites the row of a slave whose session was accepted;
+    /// makes room first (see the module docs).
+    pub fn connect(&self, slave_id: &str, f: impl FnOnce(&mut SlaveEntry)) {
         let mut slaves = self.slaves();
+        if !slaves.contains_key(slave_id) {
+            slaves.retain(|_, e| e.gone_since.is_none_or(|t| t.elapsed() < GONE_TTL));
+            while slaves.len() >= MAX_ROWS {
+                // Evict the longest-gone row; with none gone (more live sessions
+                // than rows cannot happen under sync.max_sessions) the oldest id.
+                let Some(victim) = slaves
+                    .iter()
+                    .filter_map(|(id, e)| e.gone_since.map(|t| (t, id)))
+                    .min()
+                    .map(|(_, id)| id.clone())
+                    .or_else(|| slaves.keys().min().cloned())
+                else {
+                    break;
+                };
+                slaves.remove(&victim);
+            }
+        }
         let e = slaves.entry(slave_id.to_string()).or_default();
+        e.gone_since = None;
         f(e);
+    }
+
+    /// Rewrites the row of a slave that is known and not connected (a refused
+    /// TrySync never creates a row, nor touches a live session's).
+    pub fn update_if_gone(&self, slave_id: &str, f: impl FnOnce(&mut SlaveEntry)) {
+        if let Some(e) = self.slaves().get_mut(slave_id)
+            && !e.live()
+        {
+            f(e);
+        }
+    }
+
+    /// Marks the slave's row disconnected when `session_id` is its latest.
+    pub fn disconnect(&self, slave_id: &str, session_id: u64) {
+        self.update_session(slave_id, session_id, |e| {
+            e.state = "disconnected";
+            e.gone_since = Some(Instant::now());
+        });
     }
 
     /// Updates the slave's row only while `session_id` is its latest session.

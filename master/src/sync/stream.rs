@@ -15,14 +15,16 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tern_common::binlog::BinlogReader;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::window::{InFlight, SyncWindow};
+use tern_common::wire::{Ack, SlaveMsg};
 use tokio::sync::{Notify, watch};
 use tonic::{Status, Streaming};
 
-use super::handshake::Accepted;
+use super::handshake::{Accepted, checked};
 use super::{Outbound, Outcome, SyncShared, Unsent, master_msg, now_ms, send_bounded};
 use crate::pins::PinGuard;
 
@@ -37,6 +39,8 @@ struct FlowState {
     window: SyncWindow,
     /// Last index sent to the slave (the TrySync index before any batch).
     sent: u64,
+    /// When the slave last acknowledged a batch (the session's start before).
+    last_ack: Instant,
 }
 
 impl Flow {
@@ -59,6 +63,7 @@ pub(super) async fn stream(
         state: Mutex::new(FlowState {
             window: SyncWindow::new(cfg.window_batches, cfg.window_bytes),
             sent: accepted.index,
+            last_ack: Instant::now(),
         }),
         room: Notify::new(),
     };
@@ -115,6 +120,8 @@ impl Sender<'_> {
         let mut heartbeat = tokio::time::interval(cfg.heartbeat());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = Vec::with_capacity(cfg.batch_bytes + 4096);
+        // Since when the window is full (None: it has room).
+        let mut full_since: Option<Instant> = None;
         loop {
             let upto = *self.shippable.borrow_and_update();
             while self.flow.state().window.has_room() && self.next <= upto {
@@ -124,7 +131,31 @@ impl Sender<'_> {
                     Step::End(outcome) => return Ok(outcome),
                 }
             }
+            // A window that stays full with no ack for a link timeout is a
+            // stalled slave (or one that only sends heartbeats): drop it and
+            // its pin, whatever else it sends.
+            let (full, last_ack) = {
+                let st = self.flow.state();
+                (!st.window.has_room(), st.last_ack)
+            };
+            let stall_deadline = if full {
+                let since = *full_since.get_or_insert_with(Instant::now);
+                Some(since.max(last_ack) + cfg.link_timeout())
+            } else {
+                full_since = None;
+                None
+            };
+            if stall_deadline.is_some_and(|d| d <= Instant::now()) {
+                return Ok(Outcome::Stalled);
+            }
+            let stalled = async {
+                match stall_deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = stalled => {}
                 r = self.shippable.changed() => {
                     if r.is_err() {
                         return Ok(Outcome::Shutdown);
@@ -211,76 +242,75 @@ impl ReplyReader<'_> {
         loop {
             let m = match tokio::time::timeout(link_timeout, self.inbound.message()).await {
                 Err(_) => return Ok(Outcome::LinkTimeout),
-                Ok(Ok(None)) => return Ok(Outcome::SlaveClosed),
-                Ok(Err(s)) => return Ok(Outcome::LinkLost(s.message().to_string())),
-                Ok(Ok(Some(m))) => m,
+                Ok(m) => match checked(m)? {
+                    Ok(m) => m,
+                    Err(outcome) => return Ok(outcome),
+                },
             };
             self.handle(m)?;
         }
     }
 
-    fn handle(&mut self, m: pb::SlaveMessage) -> Result<(), Status> {
-        use pb::slave_message::Msg;
+    fn handle(&mut self, m: SlaveMsg) -> Result<(), Status> {
         let shared = self.shared;
-        match m.msg {
-            Some(Msg::Ack(a)) => {
-                if a.session_id != self.session_id {
-                    shared.stale_messages.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+        match m {
+            SlaveMsg::Ack(a) if a.session_id() != self.session_id => {
+                shared.stale_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            SlaveMsg::Ack(Ack::FirstSend { .. }) => {
+                return Err(Status::failed_precondition(
+                    "a second first-send ack in one session",
+                ));
+            }
+            SlaveMsg::Ack(Ack::Batch {
+                first,
+                last,
+                received,
+                applied,
+                ..
+            }) => {
+                {
+                    let mut st = self.flow.state();
+                    st.window
+                        .ack(first, last)
+                        .map_err(|e| Status::out_of_range(e.to_string()))?;
+                    st.last_ack = Instant::now();
                 }
-                if a.first_send {
-                    return Err(Status::failed_precondition(
-                        "a second first-send ack in one session",
-                    ));
-                }
-                self.flow
-                    .state()
-                    .window
-                    .ack(a.batch_first_index, a.batch_last_index)
-                    .map_err(|e| Status::out_of_range(e.to_string()))?;
                 self.flow.room.notify_one();
-                if a.received_index > a.batch_last_index || a.applied_index > a.received_index {
-                    return Err(Status::out_of_range(format!(
-                        "ack positions received {} applied {} are beyond the acked batch end {}",
-                        a.received_index, a.applied_index, a.batch_last_index
-                    )));
-                }
                 shared
                     .registry
                     .update_session(&self.slave_id, self.session_id, |e| {
-                        e.received = a.received_index;
-                        e.applied = a.applied_index;
+                        e.received = received;
+                        e.applied = applied;
                     });
-                self.received = a.received_index;
+                self.received = received;
                 self.pin.update(self.received);
             }
-            Some(Msg::Heartbeat(h)) => {
-                if h.session_id != self.session_id {
-                    shared.stale_messages.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
+            SlaveMsg::Heartbeat(h) if h.session_id != self.session_id => {
+                shared.stale_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            SlaveMsg::Heartbeat(h) => {
                 let sent = self.flow.state().sent;
-                if h.index > sent || h.applied_index > h.index {
+                if h.received > sent {
                     return Err(Status::out_of_range(format!(
                         "heartbeat positions received {} applied {} are beyond what was sent ({sent})",
-                        h.index, h.applied_index
+                        h.received, h.applied
                     )));
                 }
                 shared
                     .registry
                     .update_session(&self.slave_id, self.session_id, |e| {
-                        e.received = e.received.max(h.index);
-                        e.applied = e.applied.max(h.applied_index);
+                        e.received = e.received.max(h.received);
+                        e.applied = e.applied.max(h.applied);
                     });
-                self.received = self.received.max(h.index);
+                self.received = self.received.max(h.received);
                 self.pin.update(self.received);
             }
-            Some(Msg::TrySync(_)) => {
+            SlaveMsg::TrySync(_) => {
                 return Err(Status::failed_precondition(
                     "TrySync sent twice on one stream",
                 ));
             }
-            None => return Err(Status::invalid_argument("empty SlaveMessage")),
         }
         Ok(())
     }
