@@ -223,6 +223,11 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(health);
     let layer = tower::ServiceBuilder::new()
+        // Requests tonic cannot decode: RESOURCE_EXHAUSTED / INVALID_ARGUMENT
+        // on every service (see crate::status).
+        .layer(tower::util::MapResponseLayer::new(
+            crate::status::remap_decode_failures,
+        ))
         .layer(connections::TrackStreamsLayer {
             shutdown: shutdown.clone(),
         })

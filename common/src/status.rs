@@ -94,6 +94,14 @@ pub fn remap_response_headers(headers: &mut http::HeaderMap) {
     }
 }
 
+/// [`remap_response_headers`] on a whole response: for a
+/// `tower::util::MapResponseLayer` in front of every service of the port, so
+/// a request tonic could not decode gets the same codes on every service.
+pub fn remap_decode_failures<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    remap_response_headers(resp.headers_mut());
+    resp
+}
+
 /// grpc-message is percent-encoded; only the prefix matters here.
 fn percent_decode(m: &str) -> String {
     let b = m.as_bytes();

@@ -555,3 +555,143 @@ async fn db_sync_streams_are_capped_in_number_and_bandwidth() {
     let info = master.info().await.unwrap();
     assert_eq!(info.db_sync_streams, 0);
 }
+
+/// A codec that sends and receives raw protobuf bytes, to send what a typed
+/// client cannot: messages that do not decode as the method's request.
+#[derive(Clone, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// A protobuf message holding one length-delimited field 15 of `len` bytes
+/// (an unknown field for every request here).
+fn unknown_field(len: usize) -> Vec<u8> {
+    let mut out = vec![(15 << 3) | 2];
+    let mut n = len as u64;
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.resize(out.len() + len, b'z');
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_and_oversized_requests_get_their_codes() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let dir = TestDir::new("rogue-sync-codes");
+    let master = Node::start_master(&dir.join("master"), &[], &[])
+        .await
+        .unwrap();
+    let grpc = || {
+        tonic::client::Grpc::new(master.channel())
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20)
+    };
+    // Field 1, length-delimited, 5 bytes long, of which 1 is there: no
+    // message decodes from it.
+    let undecodable = vec![0x0a, 0x05, b'a'];
+
+    // Sync (a stream the master reads): the stream ends with the status.
+    let mut g = grpc();
+    g.ready().await.unwrap();
+    let s = match g
+        .streaming(
+            tonic::Request::new(tokio_stream::iter(vec![undecodable.clone()])),
+            PathAndQuery::from_static("/tern.replication.v1.Replication/Sync"),
+            RawCodec,
+        )
+        .await
+    {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut st = resp.into_inner();
+            loop {
+                match st.message().await {
+                    Err(s) => break s,
+                    Ok(None) => panic!("an undecodable Sync message ended the stream with OK"),
+                    Ok(Some(_)) => continue,
+                }
+            }
+        }
+    };
+    assert_eq!(s.code(), Code::InvalidArgument, "Sync, undecodable: {s:?}");
+
+    // DbSync and Admin.Info (requests tonic decodes before the service).
+    for (path, what) in [
+        ("/tern.replication.v1.Replication/DbSync", "DbSync"),
+        ("/tern.admin.v1.Admin/Info", "Admin.Info"),
+    ] {
+        for (body, code) in [
+            (undecodable.clone(), Code::InvalidArgument),
+            (unknown_field(5 << 20), Code::ResourceExhausted),
+        ] {
+            let mut g = grpc();
+            g.ready().await.unwrap();
+            let path = PathAndQuery::from_static(path);
+            let s = if what == "DbSync" {
+                match g
+                    .server_streaming(tonic::Request::new(body), path, RawCodec)
+                    .await
+                {
+                    Err(s) => s,
+                    Ok(resp) => resp
+                        .into_inner()
+                        .message()
+                        .await
+                        .expect_err("the stream ends with an error"),
+                }
+            } else {
+                g.unary(tonic::Request::new(body), path, RawCodec)
+                    .await
+                    .expect_err("refused")
+            };
+            assert_eq!(s.code(), code, "{what}: {s:?}");
+        }
+    }
+    // The master still serves.
+    master.info().await.unwrap();
+}
