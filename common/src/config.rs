@@ -29,6 +29,8 @@ pub struct Config {
     pub slave: SlaveConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -57,6 +59,17 @@ pub struct ServerConfig {
     /// every connection is closed regardless, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// PEM certificate chain of the gRPC port: set with `tls_key`, the port
+    /// speaks TLS only (see [`crate::server::tls`]).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate signed by
+    /// one of them (mutual TLS). Needs `tls_cert`.
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -182,6 +195,18 @@ pub struct SlaveConfig {
     pub resync_when_ahead: bool,
     /// Stable id of this slave (default: derived from the listen address).
     pub id: Option<String>,
+    /// Sent to the master as `authorization: Bearer <token>` on Sync and
+    /// DbSync (the master's `auth.replication_token`).
+    pub master_token: Option<Secret>,
+    /// File holding `master_token` (read at start, trailing newline trimmed).
+    pub master_token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the master's certificate must be signed by, with
+    /// an `https://` master (unset: the system's trust store).
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the master (mutual TLS), with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for SlaveConfig {
@@ -191,6 +216,11 @@ impl Default for SlaveConfig {
             apply_workers: 4,
             resync_when_ahead: false,
             id: None,
+            master_token: None,
+            master_token_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -210,6 +240,91 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             log: "info".into(),
         }
+    }
+}
+
+/// Bearer tokens the gRPC port requires (see [`crate::server::auth`]). A token
+/// given as a file is read by [`Config::load`] into its token field.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Required on `tern.kv.v1.Kv` and `tern.admin.v1.Admin` (unset: open).
+    pub token: Option<Secret>,
+    /// File holding `token`.
+    pub token_file: Option<PathBuf>,
+    /// Required on `tern.replication.v1.Replication` (Sync, DbSync) (unset: open).
+    pub replication_token: Option<Secret>,
+    /// File holding `replication_token`.
+    pub replication_token_file: Option<PathBuf>,
+}
+
+/// A credential from the configuration. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+/// Longest token accepted (it travels in an HTTP/2 header).
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+impl Secret {
+    /// `value` as a token: 1 to [`MAX_TOKEN_BYTES`] visible ASCII characters
+    /// (no spaces), as an `authorization` header value needs. The error says
+    /// what is wrong, never the value.
+    pub fn new(value: String) -> Result<Secret, String> {
+        if value.is_empty() {
+            return Err("is empty".into());
+        }
+        if value.len() > MAX_TOKEN_BYTES {
+            return Err(format!("is longer than {MAX_TOKEN_BYTES} bytes"));
+        }
+        if let Some(pos) = value.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(format!(
+                "has a character that is not visible ASCII at byte {pos} (spaces and control characters cannot be sent in a header)"
+            ));
+        }
+        Ok(Secret(value))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The token of `key` (given inline) or of `file_key` (a file, read now,
+/// trailing newline trimmed); an error when both are set or it is malformed.
+fn resolve_token(
+    key: &str,
+    inline: &mut Option<Secret>,
+    file_key: &str,
+    file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    match (inline.take(), file) {
+        (Some(_), Some(_)) => bad(format!("{key} and {file_key} are both set; set one")),
+        (Some(t), None) => {
+            *inline =
+                Some(Secret::new(t.0).map_err(|e| ConfigError::Invalid(format!("{key} {e}")))?);
+            Ok(())
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read(path)
+                .map_err(|e| ConfigError::Invalid(format!("{file_key} {}: {e}", path.display())))?;
+            let text = String::from_utf8(text).map_err(|_| {
+                ConfigError::Invalid(format!("{file_key} {}: not UTF-8 text", path.display()))
+            })?;
+            let token = text.trim_end_matches(['\n', '\r']).to_string();
+            *inline = Some(Secret::new(token).map_err(|e| {
+                ConfigError::Invalid(format!("the token in {file_key} {} {e}", path.display()))
+            })?);
+            Ok(())
+        }
+        (None, None) => Ok(()),
     }
 }
 
@@ -286,9 +401,35 @@ impl Config {
         for (k, v) in extra_overrides {
             b = b.set_override(*k, v.as_str())?;
         }
-        let cfg: Config = b.build()?.try_deserialize()?;
+        let mut cfg: Config = b.build()?.try_deserialize()?;
         cfg.validate()?;
+        cfg.load_security(role)?;
         Ok(cfg)
+    }
+
+    /// Reads the token files into their token fields and checks the TLS
+    /// files this role uses (present, PEM, key matching its certificate).
+    fn load_security(&mut self, role: Role) -> Result<(), ConfigError> {
+        let a = &mut self.auth;
+        resolve_token("auth.token", &mut a.token, "auth.token_file", &a.token_file)?;
+        resolve_token(
+            "auth.replication_token",
+            &mut a.replication_token,
+            "auth.replication_token_file",
+            &a.replication_token_file,
+        )?;
+        crate::server::tls::server_tls(&self.server)?;
+        if role == Role::Slave {
+            let s = &mut self.slave;
+            resolve_token(
+                "slave.master_token",
+                &mut s.master_token,
+                "slave.master_token_file",
+                &s.master_token_file,
+            )?;
+            crate::server::tls::master_endpoint(&self.slave)?;
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -331,6 +472,25 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
+        }
+        let s = &self.server;
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return bad("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if s.tls_client_ca.is_some() && s.tls_cert.is_none() {
+            return bad(
+                "server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key".into(),
+            );
+        }
+        let s = &self.slave;
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return bad("slave.tls_cert and slave.tls_key must be set together".into());
+        }
+        if (s.tls_ca.is_some() || s.tls_cert.is_some()) && !s.master.starts_with("https://") {
+            return bad(format!(
+                "slave.tls_ca / slave.tls_cert are set but slave.master {:?} is not an https:// URL",
+                s.master
+            ));
         }
         Ok(())
     }
@@ -435,5 +595,126 @@ mod tests {
         };
         let e = Config::load_from_env(Role::Master, &args, &[], env(&[])).unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn tokens_inline_or_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file-token\r\n").unwrap();
+        let file_s = file.to_str().unwrap();
+        let load = |role, pairs: &[(&str, &str)]| {
+            Config::load_from_env(role, &CommonArgs::default(), &[], env(pairs))
+        };
+        let c = load(
+            Role::Slave,
+            &[
+                ("TERN__AUTH__TOKEN", "inline-token"),
+                ("TERN__AUTH__REPLICATION_TOKEN_FILE", file_s),
+                ("TERN__SLAVE__MASTER_TOKEN_FILE", file_s),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.auth.token.as_ref().unwrap().expose(), "inline-token");
+        assert_eq!(
+            c.auth.replication_token.as_ref().unwrap().expose(),
+            "from-file-token"
+        );
+        assert_eq!(
+            c.slave.master_token.as_ref().unwrap().expose(),
+            "from-file-token"
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("inline-token") && !shown.contains("from-file-token"));
+        let c = load(Role::Master, &[]).unwrap();
+        assert!(c.auth.token.is_none() && c.auth.replication_token.is_none());
+
+        let e = load(
+            Role::Master,
+            &[
+                ("TERN__AUTH__TOKEN", "a"),
+                ("TERN__AUTH__TOKEN_FILE", file_s),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("auth.token and auth.token_file are both set"),
+            "{e}"
+        );
+        let missing = dir.path().join("missing");
+        let e = load(
+            Role::Slave,
+            &[("TERN__SLAVE__MASTER_TOKEN_FILE", missing.to_str().unwrap())],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("slave.master_token_file"), "{e}");
+        std::fs::write(&file, "two words\n").unwrap();
+        let e = load(Role::Master, &[("TERN__AUTH__TOKEN_FILE", file_s)]).unwrap_err();
+        assert!(e.to_string().contains("not visible ASCII at byte 3"), "{e}");
+        assert!(!e.to_string().contains("words"), "{e}");
+        std::fs::write(&file, "\n").unwrap();
+        let e = load(Role::Master, &[("TERN__AUTH__TOKEN_FILE", file_s)]).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_must_be_consistent() {
+        let load = |role, pairs: &[(&str, &str)]| {
+            Config::load_from_env(role, &CommonArgs::default(), &[], env(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = load(
+            Role::Master,
+            &[("TERN__SERVER__TLS_CERT", "/nonexistent/c.pem")],
+        );
+        assert!(
+            e.contains("server.tls_cert and server.tls_key must be set together"),
+            "{e}"
+        );
+        let e = load(
+            Role::Master,
+            &[("TERN__SERVER__TLS_CLIENT_CA", "/nonexistent/ca.pem")],
+        );
+        assert!(e.contains("server.tls_client_ca"), "{e}");
+        let e = load(
+            Role::Master,
+            &[
+                ("TERN__SERVER__TLS_CERT", "/nonexistent/c.pem"),
+                ("TERN__SERVER__TLS_KEY", "/nonexistent/k.pem"),
+            ],
+        );
+        assert!(
+            e.contains("server.tls_cert /nonexistent/c.pem: No such file"),
+            "{e}"
+        );
+        let e = load(
+            Role::Slave,
+            &[("TERN__SLAVE__TLS_CA", "/nonexistent/ca.pem")],
+        );
+        assert!(e.contains("not an https:// URL"), "{e}");
+        let e = load(
+            Role::Slave,
+            &[
+                ("TERN__SLAVE__MASTER", "https://127.0.0.1:7400"),
+                ("TERN__SLAVE__TLS_CA", "/nonexistent/ca.pem"),
+            ],
+        );
+        assert!(
+            e.contains("slave.tls_ca /nonexistent/ca.pem: No such file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let e = load(
+            Role::Slave,
+            &[
+                ("TERN__SLAVE__MASTER", "https://127.0.0.1:7400"),
+                ("TERN__SLAVE__TLS_CA", not_pem.to_str().unwrap()),
+            ],
+        );
+        assert!(e.contains("no PEM certificate"), "{e}");
     }
 }

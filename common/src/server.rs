@@ -11,10 +11,15 @@
 //! stops accepting and shuts every connection down gracefully (streams observe
 //! the same token and end); after `server.shutdown_timeout_ms` every connection
 //! still open is cut, whatever its clients do, and [`serve`] returns.
+//!
+//! Security ([`auth`], [`tls`]): bearer tokens checked by one layer in front
+//! of every service, and TLS (optionally mutual) on the port.
 
+pub mod auth;
 pub mod budgets;
 pub mod connections;
 pub mod fd_limit;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +30,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::config::ServerConfig;
+use crate::config::{Config, ConfigError, Role, ServerConfig};
 use crate::proto::admin::v1 as pb;
 use crate::state::State;
 
@@ -51,6 +56,7 @@ pub struct AdminService {
     state: State,
     info: Arc<dyn InfoSource>,
     connections: Option<Arc<ConnectionStats>>,
+    auth: Option<auth::Auth>,
 }
 
 impl AdminService {
@@ -59,7 +65,14 @@ impl AdminService {
             state,
             info,
             connections: None,
+            auth: None,
         }
+    }
+
+    /// `Info.counters.auth_failures` is read from `auth` (that of the server it runs in).
+    pub fn with_auth(mut self, auth: auth::Auth) -> AdminService {
+        self.auth = Some(auth);
+        self
     }
 
     /// `Info.connections` is read from `stats` (those of the server it runs in).
@@ -86,6 +99,9 @@ impl pb::admin_server::Admin for AdminService {
         }
         if let Some(c) = &self.connections {
             info.connections = u32::try_from(c.open()).unwrap_or(u32::MAX);
+        }
+        if let Some(a) = &self.auth {
+            info.counters.get_or_insert_default().auth_failures = a.failures();
         }
         Ok(Response::new(info))
     }
@@ -121,6 +137,10 @@ pub struct ServeOptions {
     /// When set, health of service "" and [`KV_SERVICE`] follows it (`false`:
     /// NOT_SERVING, e.g. a master whose write path cannot write).
     pub serving: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Bearer tokens required (share it with [`AdminService::with_auth`]).
+    pub auth: auth::Auth,
+    /// TLS of the port (`None`: plaintext).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServeOptions {
@@ -133,7 +153,16 @@ impl ServeOptions {
             shutdown_timeout: c.shutdown_timeout(),
             connections: Arc::new(ConnectionStats::default()),
             serving: None,
+            auth: auth::Auth::open(Role::Master),
+            tls: None,
         }
+    }
+
+    /// Applies `[auth]` and the TLS keys of `[server]` (TLS files are read now).
+    pub fn secure(&mut self, cfg: &Config, role: Role) -> Result<(), ConfigError> {
+        self.auth = auth::Auth::from_config(&cfg.auth, role);
+        self.tls = tls::server_tls(&cfg.server)?;
+        Ok(())
     }
 }
 
@@ -222,6 +251,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(health);
+    if let Ok(addr) = listener.local_addr() {
+        opts.auth.log_at_start(addr);
+        tracing::info!(
+            %addr,
+            tls = opts.tls.is_some(),
+            "gRPC port TLS (server.tls_cert)"
+        );
+    }
     let layer = tower::ServiceBuilder::new()
         // Requests tonic cannot decode: RESOURCE_EXHAUSTED / INVALID_ARGUMENT
         // on every service (see crate::status).
@@ -230,6 +267,9 @@ pub async fn serve(
         ))
         .layer(connections::TrackStreamsLayer {
             shutdown: shutdown.clone(),
+        })
+        .layer(auth::AuthLayer {
+            auth: opts.auth.clone(),
         })
         .layer(budgets::BudgetsLayer::new(opts.max_concurrent_requests))
         .into_inner();
@@ -254,7 +294,13 @@ pub async fn serve(
         stats.clone(),
     ));
     let shutdown_health = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = opts.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("server TLS: {}", tls::error_chain(&e)))?;
+    }
+    let server = builder
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))

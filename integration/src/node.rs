@@ -14,10 +14,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tern_common::config::Secret;
 use tern_common::limits::MAX_MESSAGE_BYTES;
 use tern_common::proto::admin::v1::{self as admin, admin_client::AdminClient};
 use tern_common::proto::kv::v1::kv_client::KvClient;
-use tonic::transport::{Channel, Endpoint};
+use tern_common::server::auth::BearerInterceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How long a node may take to answer `Admin.Info` after a (re)start.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,13 +66,37 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
 /// A gRPC channel to `url` that connects on first use and reconnects after
 /// failures; every request gets `timeout`.
 pub fn channel(url: &str, timeout: Duration) -> Channel {
-    Endpoint::from_shared(url.to_string())
-        .expect("a valid URL")
+    channel_with_tls(url, timeout, None)
+}
+
+/// As [`channel`], over TLS with `tls` when given (`url` is then `https://`).
+pub fn channel_with_tls(url: &str, timeout: Duration, tls: Option<&ClientTlsConfig>) -> Channel {
+    let mut endpoint = Endpoint::from_shared(url.to_string()).expect("a valid URL");
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .expect("a valid client TLS configuration");
+    }
+    endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout)
         .tcp_nodelay(true)
         .connect_lazy()
 }
+
+/// How this harness's clients reach a node that requires a bearer token
+/// (`auth.token`) or TLS (`server.tls_cert`).
+#[derive(Clone, Debug, Default)]
+pub struct ClientAccess {
+    /// Sent as `authorization: Bearer <token>` by [`Node::authed_kv`],
+    /// [`Node::authed_admin`], [`Node::info`], [`Node::checksum`] and readiness.
+    pub token: Option<Secret>,
+    /// TLS for every channel to the node; its [`Node::url`] is then `https://`.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// A channel whose requests carry the node's bearer token.
+pub type AuthedChannel = InterceptedService<Channel, BearerInterceptor>;
 
 /// A Kv client that can send and receive the largest messages a node accepts.
 pub fn kv_client(ch: Channel) -> KvClient<Channel> {
@@ -91,6 +118,7 @@ pub struct Node {
     nofile: Option<u64>,
     child: Option<Child>,
     starts: u32,
+    access: ClientAccess,
 }
 
 impl Node {
@@ -141,6 +169,7 @@ impl Node {
             nofile,
             child: None,
             starts: 0,
+            access: ClientAccess::default(),
         };
         node.spawn()?;
         Ok(node)
@@ -187,9 +216,41 @@ impl Node {
         envs: &[(&str, &str)],
         nofile: Option<u64>,
     ) -> anyhow::Result<Node> {
+        Node::start_ready_inner(
+            bin_name,
+            data_dir,
+            args,
+            envs,
+            nofile,
+            ClientAccess::default(),
+        )
+        .await
+    }
+
+    /// As [`Node::start_ready`], for a node whose clients need `access`
+    /// (a bearer token, TLS) to call it.
+    pub async fn start_ready_with_access(
+        bin_name: &str,
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        access: ClientAccess,
+    ) -> anyhow::Result<Node> {
+        Node::start_ready_inner(bin_name, data_dir, args, envs, None, access).await
+    }
+
+    async fn start_ready_inner(
+        bin_name: &str,
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        nofile: Option<u64>,
+        access: ClientAccess,
+    ) -> anyhow::Result<Node> {
         let mut attempt = 0;
         loop {
             let mut node = Node::start_with_nofile(bin_name, data_dir, args, envs, nofile)?;
+            node.access = access.clone();
             match node.wait_ready().await {
                 Ok(_) => return Ok(node),
                 Err(e) => {
@@ -258,8 +319,14 @@ impl Node {
         Ok(())
     }
 
+    /// `http://127.0.0.1:<port>`, or `https://` when the node speaks TLS.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.access.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn addr(&self) -> String {
@@ -273,7 +340,27 @@ impl Node {
 
     /// A lazily connecting channel to this node (survives restarts).
     pub fn channel(&self) -> Channel {
-        channel(&self.url(), REQUEST_TIMEOUT)
+        channel_with_tls(&self.url(), REQUEST_TIMEOUT, self.access.tls.as_ref())
+    }
+
+    /// A lazily connecting channel whose requests carry the node's token.
+    fn authed_channel(&self, timeout: Duration) -> AuthedChannel {
+        InterceptedService::new(
+            channel_with_tls(&self.url(), timeout, self.access.tls.as_ref()),
+            BearerInterceptor::new(self.access.token.as_ref()),
+        )
+    }
+
+    /// A Kv client sending the node's bearer token ([`ClientAccess::token`]).
+    pub fn authed_kv(&self) -> KvClient<AuthedChannel> {
+        KvClient::new(self.authed_channel(REQUEST_TIMEOUT))
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// An Admin client sending the node's bearer token ([`ClientAccess::token`]).
+    pub fn authed_admin(&self) -> AdminClient<AuthedChannel> {
+        AdminClient::new(self.authed_channel(REQUEST_TIMEOUT))
     }
 
     pub fn kv(&self) -> KvClient<Channel> {
@@ -286,7 +373,7 @@ impl Node {
 
     pub async fn info(&self) -> anyhow::Result<admin::InfoResponse> {
         let r = self
-            .admin()
+            .authed_admin()
             .info(admin::InfoRequest {})
             .await
             .with_context(|| format!("Admin.Info on {}", self.role))?;
@@ -295,7 +382,7 @@ impl Node {
 
     pub async fn checksum(&self) -> anyhow::Result<admin::ChecksumResponse> {
         let r = self
-            .admin()
+            .authed_admin()
             .checksum(admin::ChecksumRequest {})
             .await
             .with_context(|| format!("Admin.Checksum on {}", self.role))?;
@@ -306,7 +393,7 @@ impl Node {
     /// process exits, or after [`READY_TIMEOUT`].
     pub async fn wait_ready(&mut self) -> anyhow::Result<admin::InfoResponse> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let ch = channel(&self.url(), Duration::from_secs(2));
+        let ch = self.authed_channel(Duration::from_secs(2));
         loop {
             if let Some(status) = self.try_wait()? {
                 bail!(

@@ -340,8 +340,10 @@ pub async fn run(
     });
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
     serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
-    let admin =
-        AdminService::new(state.clone(), info).with_connections(serve_opts.connections.clone());
+    serve_opts.secure(&cfg, tern_common::config::Role::Master)?;
+    let admin = AdminService::new(state.clone(), info)
+        .with_connections(serve_opts.connections.clone())
+        .with_auth(serve_opts.auth.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(kv.into_server());
     routes.add_service(admin.into_server());

@@ -220,6 +220,13 @@ fn histories_from_reply(
     Ok(Histories { current, ancestors })
 }
 
+/// A status from the master, with the causes of a transport error (a TLS
+/// alert, a refused connection) that its message alone does not say.
+fn status_text(s: &tonic::Status) -> String {
+    let head = format!("{}: {}", s.code(), s.message());
+    tern_common::server::tls::with_sources(head, std::error::Error::source(s))
+}
+
 fn slave_msg(msg: pb::slave_message::Msg) -> pb::SlaveMessage {
     pb::SlaveMessage { msg: Some(msg) }
 }
@@ -372,10 +379,9 @@ impl Link {
     ) -> Result<SessionEnd, ReconnectReason> {
         let cfg = self.cfg.sync.clone();
         self.status.set(|s| s.state = LinkState::TryConnect);
-        let endpoint = tonic::transport::Endpoint::from_shared(self.cfg.slave.master.clone())
-            .map_err(|e| {
-                ReconnectReason::Fatal(format!("slave.master {:?}: {e}", self.cfg.slave.master))
-            })?
+        // With an https:// master: TLS (slave.tls_ca, slave.tls_cert, slave.tls_key).
+        let endpoint = tern_common::server::tls::master_endpoint(&self.cfg.slave)
+            .map_err(|e| ReconnectReason::Fatal(e.to_string()))?
             .connect_timeout(cfg.link_timeout())
             .tcp_nodelay(true);
         let channel = tokio::select! {
@@ -399,12 +405,14 @@ impl Link {
             .await;
         let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
         tern_common::telemetry::inject_context(span, request.metadata_mut());
+        let master_token = self.cfg.slave.master_token.as_ref();
+        tern_common::server::auth::insert_bearer(request.metadata_mut(), master_token);
         self.status.set(|s| s.state = LinkState::WaitReply);
         let timeout = cfg.link_timeout();
         let mut inbound = tokio::select! {
             r = tokio::time::timeout(timeout, client.sync(request)) => match r {
                 Ok(Ok(resp)) => resp.into_inner(),
-                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(status_text(&s))),
                 Err(_) => return Err(ReconnectReason::LinkTimeout(timeout)),
             },
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -414,7 +422,7 @@ impl Link {
                 Ok(Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::TrySyncResponse(t)) }))) => t,
                 Ok(Ok(Some(_))) => return Err(ReconnectReason::Protocol("expected TrySyncResponse".into())),
                 Ok(Ok(None)) => return Err(ReconnectReason::MasterClosed),
-                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                Ok(Err(s)) => return Err(ReconnectReason::LinkLost(status_text(&s))),
                 Err(_) => return Err(ReconnectReason::LinkTimeout(timeout)),
             },
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -441,6 +449,7 @@ impl Link {
             self.status.set(|s| s.state = LinkState::WaitDbSync);
             let mut md = tonic::metadata::MetadataMap::new();
             tern_common::telemetry::inject_context(span, &mut md);
+            tern_common::server::auth::insert_bearer(&mut md, master_token);
             let fetched = tokio::select! {
                 r = fullsync::fetch(&mut client, &self.cfg.server.data_dir, &self.slave_id, &self.status.full_sync, &md) => r,
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -555,7 +564,7 @@ impl Link {
                         }
                         Ok(Some(_)) => break Err(ReconnectReason::Protocol("unexpected message while streaming".into())),
                         Ok(None) => break Err(ReconnectReason::MasterClosed),
-                        Err(s) => break Err(ReconnectReason::LinkLost(format!("{}: {}", s.code(), s.message()))),
+                        Err(s) => break Err(ReconnectReason::LinkLost(status_text(&s))),
                     }
                 }
                 _ = check.tick() => {

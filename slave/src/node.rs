@@ -361,9 +361,11 @@ async fn run_once(
         state: state.clone(),
         fsync: cfg.binlog.fsync.to_string(),
     });
-    let serve_opts = ServeOptions::from_config(&cfg.server);
-    let admin =
-        AdminService::new(state.clone(), info).with_connections(serve_opts.connections.clone());
+    let mut serve_opts = ServeOptions::from_config(&cfg.server);
+    serve_opts.secure(cfg, tern_common::config::Role::Slave)?;
+    let admin = AdminService::new(state.clone(), info)
+        .with_connections(serve_opts.connections.clone())
+        .with_auth(serve_opts.auth.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(kv.into_server());
     routes.add_service(admin.into_server());

@@ -36,7 +36,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::StreamExt;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 
 /// First delay after a failed accept; it doubles up to [`MAX_ACCEPT_BACKOFF`].
 pub const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
@@ -361,7 +361,12 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let conn = req.extensions().get::<ConnInfo>().cloned();
+        // Over TLS (`server.tls_cert`), tonic wraps the connection's info.
+        let conn = req.extensions().get::<ConnInfo>().cloned().or_else(|| {
+            req.extensions()
+                .get::<TlsConnectInfo<ConnInfo>>()
+                .map(|t| t.get_ref().clone())
+        });
         let guard = conn.map(|c| {
             req.extensions_mut().insert(c.tcp);
             c.activity.started()
@@ -441,13 +446,13 @@ impl http_body::Body for GuardedBody {
 }
 
 /// Once per [`LOG_INTERVAL`] at most; counts what it held back.
-struct RateLimited {
+pub(crate) struct RateLimited {
     last: Option<std::time::Instant>,
     suppressed: u64,
 }
 
 impl RateLimited {
-    fn new() -> RateLimited {
+    pub(crate) fn new() -> RateLimited {
         RateLimited {
             last: None,
             suppressed: 0,
@@ -455,7 +460,7 @@ impl RateLimited {
     }
 
     /// `Some(held back since the last time)` when a message may be logged now.
-    fn check(&mut self) -> Option<u64> {
+    pub(crate) fn check(&mut self) -> Option<u64> {
         if self.last.is_some_and(|l| l.elapsed() < LOG_INTERVAL) {
             self.suppressed += 1;
             return None;

@@ -266,6 +266,57 @@ pub async fn wait_connected(slave: &Node, min_partial: u64) -> admin::InfoRespon
     .await
 }
 
+/// Converges, then asserts `slave` has the master's Checksum, its link is
+/// connected and it full-synced `full_syncs` times in this process; returns
+/// the Checksum.
+pub async fn assert_slave_matches(
+    master: &Node,
+    slave: &Node,
+    full_syncs: u64,
+) -> admin::ChecksumResponse {
+    let index = converge(master, &[slave]).await;
+    let mc = master.checksum().await.expect("Checksum on the master");
+    let sc = slave.checksum().await.expect("Checksum on the slave");
+    assert_eq!(sc, mc, "the slave's Checksum differs at index {index}");
+    let si = slave.info().await.expect("Info on the slave");
+    let d = describe_slave(&si);
+    assert_eq!(counters(&si).full_syncs, full_syncs, "{d}");
+    assert_eq!(link(&si).state, "connected", "{d}");
+    mc
+}
+
+/// Waits until the slave's link has failed at least twice with a
+/// `last_error` containing one of `words` (lowercase), then asserts it never
+/// connected nor received anything (a refused token or certificate); returns
+/// its Info.
+pub async fn wait_link_refused(slave: &Node, words: &[&str]) -> admin::InfoResponse {
+    let i = wait_until(
+        &format!("slave on port {} to report a refusal {words:?}", slave.port),
+        DEADLINE,
+        || async move {
+            let i = slave.info().await.map_err(|e| format!("{e:#}"))?;
+            let e = link(&i).last_error.to_lowercase();
+            if counters(&i).reconnects >= 2 && words.iter().any(|w| e.contains(w)) {
+                Ok(Some(i))
+            } else {
+                Err(describe_slave(&i))
+            }
+        },
+    )
+    .await;
+    let d = describe_slave(&i);
+    assert_ne!(link(&i).state, "connected", "{d}");
+    assert_eq!(link(&i).session_id, 0, "{d}");
+    assert_eq!(counters(&i).full_syncs, 0, "{d}");
+    assert_eq!(i.applied_index, 0, "{d}");
+    eprintln!(
+        "slave on port {}: last_error {:?}",
+        slave.port,
+        link(&i).last_error
+    );
+    i
+}
+
 /// Every (key, value) of a node, paging through Scan; also the index of the
 /// first page.
 pub async fn scan_all(kv: &mut KvClient<Channel>) -> (Vec<(Bytes, Bytes)>, u64) {
