@@ -263,6 +263,17 @@ pub struct AuthConfig {
 #[serde(transparent)]
 pub struct Secret(String);
 
+/// Keys whose `TERN__…` environment values are used as given, never parsed
+/// as numbers or bools.
+const VERBATIM_ENV_KEYS: [&str; 6] = [
+    "auth.token",
+    "auth.token_file",
+    "auth.replication_token",
+    "auth.replication_token_file",
+    "slave.master_token",
+    "slave.master_token_file",
+];
+
 /// Longest token accepted (it travels in an HTTP/2 header).
 pub const MAX_TOKEN_BYTES: usize = 4096;
 
@@ -388,6 +399,19 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true);
+        // The environment source turns number- and bool-like values into
+        // numbers and bools ("0123" would become "123"): secrets and their
+        // files are taken verbatim instead.
+        for key in VERBATIM_ENV_KEYS {
+            let var = format!("TERN__{}", key.replace('.', "__").to_uppercase());
+            let raw = match &env {
+                Some(map) => map.get(&var).cloned(),
+                None => std::env::var(&var).ok(),
+            };
+            if let Some(v) = raw {
+                b = b.set_override(key, v)?;
+            }
+        }
         if let Some(map) = env {
             envsrc = envsrc.source(Some(map));
         }
@@ -624,6 +648,11 @@ mod tests {
             c.slave.master_token.as_ref().unwrap().expose(),
             "from-file-token"
         );
+        // Number- and bool-like tokens from the environment are kept as given.
+        for raw in ["0123", "1e5", "true", "12345678901234567890123"] {
+            let c = load(Role::Slave, &[("TERN__SLAVE__MASTER_TOKEN", raw)]).unwrap();
+            assert_eq!(c.slave.master_token.unwrap().expose(), raw);
+        }
         let shown = format!("{c:?}");
         assert!(!shown.contains("inline-token") && !shown.contains("from-file-token"));
         let c = load(Role::Master, &[]).unwrap();
