@@ -8,8 +8,9 @@
 //!   `last_error` says why; so does a slave that does not trust the master's CA;
 //! - a plaintext client, and a TLS client without a certificate, are refused
 //!   by the TLS port, and write nothing;
-//! - a key that does not match its certificate stops the master at start
-//!   with a configuration error naming the keys.
+//! - a key that does not match its certificate, a missing or non-PEM file,
+//!   or slave TLS keys with an `http://` master stop the node at start with
+//!   a configuration error naming the keys.
 //!
 //! Run `cargo build --bins` first.
 
@@ -248,9 +249,10 @@ async fn bad_tls_files_are_configuration_errors() {
     let (_, other_key) = ca.issue(&pki, "other", ExtendedKeyUsagePurpose::ServerAuth);
     let missing = pki.join("missing.pem");
 
-    // (what, environment, words the error must have)
+    // (what, environment, words the error must have); a case with
+    // TERN__SLAVE__MASTER runs a slave, the others a master.
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a [&'a str]);
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         (
             "a key that does not match the certificate",
             vec![
@@ -276,11 +278,34 @@ async fn bad_tls_files_are_configuration_errors() {
             ],
             &["server.tls_key", "no PEM private key"],
         ),
+        (
+            "a slave key that does not match its certificate",
+            vec![
+                ("TERN__SLAVE__MASTER", "https://127.0.0.1:9"),
+                ("TERN__SLAVE__TLS_CA", s(&ca.pem)),
+                ("TERN__SLAVE__TLS_CERT", s(&cert)),
+                ("TERN__SLAVE__TLS_KEY", s(&other_key)),
+            ],
+            &["slave.tls_cert", "KeyMismatch"],
+        ),
+        (
+            "slave TLS keys with an http:// master",
+            vec![
+                ("TERN__SLAVE__MASTER", "http://127.0.0.1:9"),
+                ("TERN__SLAVE__TLS_CA", s(&ca.pem)),
+            ],
+            &["slave.tls_ca", "not an https:// URL"],
+        ),
     ];
     for (n, (what, env, words)) in cases.iter().enumerate() {
-        let mut node = Node::start("tern-master", &dir.join(format!("m{n}")), &[], env).unwrap();
+        let bin = if env.iter().any(|(k, _)| *k == "TERN__SLAVE__MASTER") {
+            "tern-slave"
+        } else {
+            "tern-master"
+        };
+        let mut node = Node::start(bin, &dir.join(format!("n{n}")), &[], env).unwrap();
         let (st, log) = exited_log(&mut node).await;
-        assert!(!st.success(), "{what}: the master started: {log}");
+        assert!(!st.success(), "{what}: {bin} started: {log}");
         for w in *words {
             assert!(
                 log.contains(w),
