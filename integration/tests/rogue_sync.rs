@@ -98,6 +98,27 @@ fn keep_alive(r: &Rogue, session_id: u64, index: u64) -> tokio::task::JoinHandle
     })
 }
 
+/// The status a streaming call ends with: its own error, or the first error
+/// its stream yields; a stream that ends with OK fails the test with `what`.
+async fn ending_status<T>(
+    call: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+    what: &str,
+) -> tonic::Status {
+    match call {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut st = resp.into_inner();
+            loop {
+                match st.message().await {
+                    Err(s) => break s,
+                    Ok(None) => panic!("{what}"),
+                    Ok(Some(_)) => continue,
+                }
+            }
+        }
+    }
+}
+
 fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     status
@@ -417,26 +438,14 @@ async fn stalled_and_excess_sessions_are_dropped_or_refused() {
     })
     .await;
     let mut client = replication_client(&url).await;
-    let s = match client
+    let s = client
         .db_sync(pb::DbSyncRequest {
             slave_id: "rogue-fullsync".into(),
             snapshot_id: String::new(),
             have: vec![],
         })
-        .await
-    {
-        Err(s) => s,
-        Ok(resp) => {
-            let mut st = resp.into_inner();
-            loop {
-                match st.message().await {
-                    Err(s) => break s,
-                    Ok(None) => panic!("a new checkpoint was made within the minimum interval"),
-                    Ok(Some(_)) => continue,
-                }
-            }
-        }
-    };
+        .await;
+    let s = ending_status(s, "a new checkpoint was made within the minimum interval").await;
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("retry in"), "{s:?}");
 
@@ -638,26 +647,14 @@ async fn undecodable_and_oversized_requests_get_their_codes() {
     // Sync (a stream the master reads): the stream ends with the status.
     let mut g = grpc();
     g.ready().await.unwrap();
-    let s = match g
+    let s = g
         .streaming(
             tonic::Request::new(tokio_stream::iter(vec![undecodable.clone()])),
             PathAndQuery::from_static("/tern.replication.v1.Replication/Sync"),
             RawCodec,
         )
-        .await
-    {
-        Err(s) => s,
-        Ok(resp) => {
-            let mut st = resp.into_inner();
-            loop {
-                match st.message().await {
-                    Err(s) => break s,
-                    Ok(None) => panic!("an undecodable Sync message ended the stream with OK"),
-                    Ok(Some(_)) => continue,
-                }
-            }
-        }
-    };
+        .await;
+    let s = ending_status(s, "an undecodable Sync message ended the stream with OK").await;
     assert_eq!(s.code(), Code::InvalidArgument, "Sync, undecodable: {s:?}");
 
     // DbSync and Admin.Info (requests tonic decodes before the service).
