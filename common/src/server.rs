@@ -252,7 +252,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(health);
     if let Ok(addr) = listener.local_addr() {
-        opts.auth.log_at_start(addr);
+        opts.auth.log_at_start(addr, opts.tls.is_some());
         tracing::info!(
             %addr,
             tls = opts.tls.is_some(),

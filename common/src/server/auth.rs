@@ -179,8 +179,9 @@ impl Auth {
         self.inner.failures.load(Ordering::Relaxed)
     }
 
-    /// Logs what is open and warns when that is reachable from other hosts.
-    pub fn log_at_start(&self, listen: SocketAddr) {
+    /// Logs what is open and warns when that is reachable from other hosts,
+    /// or when tokens would cross the network in clear text (`tls` off).
+    pub fn log_at_start(&self, listen: SocketAddr, tls: bool) {
         let i = &self.inner;
         let mut open = Vec::new();
         if i.client.is_none() {
@@ -189,6 +190,14 @@ impl Auth {
         // Only a master serves Replication.
         if i.replication.is_none() && i.role == Role::Master {
             open.push("auth.replication_token (Replication: Sync, DbSync)");
+        }
+        let any_token = i.client.is_some() || i.replication.is_some();
+        if any_token && !tls && !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "bearer tokens without TLS: they cross the network in clear text; \
+                 set server.tls_cert and server.tls_key"
+            );
         }
         if open.is_empty() {
             tracing::info!(%listen, "bearer tokens required (auth.token, auth.replication_token)");
