@@ -37,17 +37,8 @@ const BIG: usize = 15_000_000;
 
 /// The resident set size of process `pid` in bytes (`VmRSS` of
 /// /proc/PID/status).
-fn vm_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
-    Some(kb * 1024)
-}
-
 fn rss(node: &Node) -> u64 {
-    vm_rss(node.pid().expect("the node runs")).expect("VmRSS in /proc/PID/status")
+    support::vm_rss(node.pid().expect("the node runs")).expect("VmRSS in /proc/PID/status")
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -126,7 +117,7 @@ fn sample_rss(node: &Node, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64
     tokio::spawn(async move {
         let mut peak = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(vm_rss(pid).unwrap_or(0));
+            peak = peak.max(support::vm_rss(pid).unwrap_or(0));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         peak

@@ -120,12 +120,7 @@ async fn ending_status<T>(
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    support::vm_rss(pid).expect("VmRSS of a running node") / 1024
 }
 
 /// `text` without terminal colour sequences (`ESC [ ... m`).

@@ -818,3 +818,14 @@ pub fn damage_binlog_tail(
     }
     panic!("no record to damage in {}/binlog", data_dir.display());
 }
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`),
+/// or None once the process is gone.
+pub fn vm_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kb * 1024)
+}
