@@ -74,16 +74,22 @@ pub fn take_clean_shutdown(dir: &Path) -> std::io::Result<CleanStop> {
     };
     std::fs::remove_file(&path)?;
     std::fs::File::open(dir)?.sync_all()?;
+    Ok(parse_clean_shutdown(&text))
+}
+
+/// What a marker's content says (only its first 256 bytes are read).
+#[doc(hidden)]
+pub fn parse_clean_shutdown(text: &[u8]) -> CleanStop {
     let text = String::from_utf8_lossy(&text[..text.len().min(256)])
         .trim()
         .to_string();
     if text == NO_HISTORY {
-        return Ok(CleanStop::At(None));
+        return CleanStop::At(None);
     }
-    Ok(match text.parse::<Position>() {
+    match text.parse::<Position>() {
         Ok(p) => CleanStop::At(Some(p)),
         Err(_) => CleanStop::Unreadable(text),
-    })
+    }
 }
 
 #[cfg(test)]

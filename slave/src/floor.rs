@@ -107,17 +107,20 @@ pub fn load(data_dir: &Path) -> Result<Option<Floor>, FloorError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path)(e)),
     };
+    decode(&bytes)
+        .map(Some)
+        .map_err(|content| FloorError::Malformed { path, content })
+}
+
+/// Parses the content of a floor file; `Err` carries the (lossy, cut) text
+/// for the error message.
+#[doc(hidden)]
+pub fn decode(bytes: &[u8]) -> Result<Floor, String> {
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_FLOOR_BYTES)]).into_owned();
-    match (bytes.len() <= MAX_FLOOR_BYTES)
+    (bytes.len() <= MAX_FLOOR_BYTES)
         .then(|| Floor::parse(&text))
         .flatten()
-    {
-        Some(f) => Ok(Some(f)),
-        None => Err(FloorError::Malformed {
-            path,
-            content: text,
-        }),
-    }
+        .ok_or(text)
 }
 
 /// Records `floor` durably (temp file, fsync, rename, directory fsync).

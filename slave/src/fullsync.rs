@@ -15,7 +15,7 @@
 //! crash at any point leaves either the old state (no `READY`) or the new one.
 //! Before the old relay log goes, the read floor is set (see [`crate::floor`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -82,6 +82,83 @@ fn safe_name(name: &str) -> Option<PathBuf> {
     p.components()
         .all(|c| matches!(c, Component::Normal(_)))
         .then(|| p.to_path_buf())
+}
+
+/// What a checked [`pb::DbSyncHeader`] lists: file name -> (size, whole-file
+/// crc32c, path under `files_dir`).
+pub type Manifest = HashMap<String, (u64, u32, PathBuf)>;
+
+/// Checks a DbSync header from the master before anything is written for it:
+/// a snapshot id that is one safe path component of at most 128 bytes, file
+/// names that stay inside `files_dir` (no `..`, no root, no duplicates), and a
+/// `total_bytes` that is the sum of the file sizes (without overflow). Returns
+/// the files and their total.
+#[doc(hidden)]
+pub fn check_header(
+    header: &pb::DbSyncHeader,
+    files_dir: &Path,
+) -> Result<(Manifest, u64), FullSyncError> {
+    let proto = |m: String| FullSyncError::Protocol(m);
+    if header.snapshot_id.is_empty()
+        || header.snapshot_id.len() > 128
+        || safe_name(&header.snapshot_id).is_none_or(|p| p.components().count() != 1)
+    {
+        return Err(proto(format!("bad snapshot id {:?}", header.snapshot_id)));
+    }
+    let mut sizes = Manifest::with_capacity(header.files.len());
+    // Paths compare by component: `a//b` and `a/b/` are the file `a/b`.
+    let mut paths = HashSet::with_capacity(header.files.len());
+    let mut total = 0u64;
+    for f in &header.files {
+        let rel = safe_name(&f.name).ok_or_else(|| proto(format!("bad file name {:?}", f.name)))?;
+        let path = files_dir.join(rel);
+        if !paths.insert(path.clone()) {
+            return Err(proto(format!("file {:?} listed twice", f.name)));
+        }
+        sizes.insert(f.name.clone(), (f.size, f.crc32c, path));
+        total = total
+            .checked_add(f.size)
+            .ok_or_else(|| proto(format!("file sizes add up to more than {} bytes", u64::MAX)))?;
+    }
+    if total != header.total_bytes {
+        return Err(proto(format!(
+            "header total {} is not the sum of its files {total}",
+            header.total_bytes
+        )));
+    }
+    Ok((sizes, total))
+}
+
+/// Checks one DbSync data chunk against the header's files: a listed file, a
+/// matching crc32c, and `offset + len` within the file's size (without
+/// overflow). Whether it continues what the file already holds is the
+/// caller's check. Returns the file's entry.
+#[doc(hidden)]
+pub fn check_chunk<'m>(
+    sizes: &'m Manifest,
+    c: &pb::FileChunk,
+) -> Result<&'m (u64, u32, PathBuf), FullSyncError> {
+    let proto = |m: String| FullSyncError::Protocol(m);
+    let entry = sizes
+        .get(&c.name)
+        .ok_or_else(|| proto(format!("chunk for unknown file {:?}", c.name)))?;
+    if crc32c::crc32c(&c.data) != c.crc32c {
+        return Err(proto(format!(
+            "chunk of {} at {} fails its crc32c",
+            c.name, c.offset
+        )));
+    }
+    let size = entry.0;
+    if c.offset
+        .checked_add(c.data.len() as u64)
+        .is_none_or(|end| end > size)
+    {
+        return Err(proto(format!(
+            "chunk of {} at {} runs past its size {size}",
+            c.name, c.offset
+        )));
+    }
+    Ok(entry)
 }
 
 /// Test knob (`fault-injection` feature): `TERN_FAULT_SWAP_CRASH_AT=N` aborts
@@ -197,14 +274,9 @@ async fn receive(
             header.snapshot_id
         )));
     }
-    if header.snapshot_id.is_empty()
-        || header.snapshot_id.len() > 128
-        || safe_name(&header.snapshot_id).is_none_or(|p| p.components().count() != 1)
-    {
-        return Err(proto(format!("bad snapshot id {:?}", header.snapshot_id)));
-    }
     let dir = staging_root(data_dir).join(&header.snapshot_id);
     let files_dir = dir.join(FILES);
+    let (sizes, total) = check_header(&header, &files_dir)?;
     if previous.is_none() {
         // A fresh download: nothing else stays in the staging area.
         let _ = fs::remove_dir_all(staging_root(data_dir));
@@ -213,19 +285,6 @@ async fn receive(
         fs::write(&tmp, header.encode_to_vec())?;
         File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, dir.join(HEADER))?;
-    }
-    let mut sizes: HashMap<String, (u64, u32, PathBuf)> = HashMap::new();
-    let mut total = 0u64;
-    for f in &header.files {
-        let rel = safe_name(&f.name).ok_or_else(|| proto(format!("bad file name {:?}", f.name)))?;
-        sizes.insert(f.name.clone(), (f.size, f.crc32c, files_dir.join(rel)));
-        total += f.size;
-    }
-    if total != header.total_bytes {
-        return Err(proto(format!(
-            "header total {} is not the sum of its files {total}",
-            header.total_bytes
-        )));
     }
     let mut done: u64 = sizes
         .values()
@@ -270,21 +329,7 @@ async fn receive(
                         )));
                     }
                 }
-                let (size, _, path) = sizes
-                    .get(&c.name)
-                    .ok_or_else(|| proto(format!("chunk for unknown file {:?}", c.name)))?;
-                if crc32c::crc32c(&c.data) != c.crc32c {
-                    return Err(proto(format!(
-                        "chunk of {} at {} fails its crc32c",
-                        c.name, c.offset
-                    )));
-                }
-                if c.offset + c.data.len() as u64 > *size {
-                    return Err(proto(format!(
-                        "chunk of {} at {} runs past its size {size}",
-                        c.name, c.offset
-                    )));
-                }
+                let (_, _, path) = check_chunk(&sizes, &c)?;
                 if open.as_ref().is_none_or(|(n, _, _)| n != &c.name) {
                     if let Some((_, f, _)) = open.take() {
                         f.sync_all()?;
