@@ -212,7 +212,8 @@ pub fn relay_extent(relay_dir: &Path) -> Result<u64, FloorError> {
 /// See [`relay_extent`], for one segment whose first event is `first`. A
 /// damaged record whose length field is intact is stepped over, so that the
 /// events after it still count; a damaged length ends the scan.
-fn segment_extent(first: u64, bytes: &[u8]) -> u64 {
+#[doc(hidden)]
+pub fn segment_extent(first: u64, bytes: &[u8]) -> u64 {
     let mut last = first.saturating_sub(1);
     let mut last_commit = last;
     let mut damaged_at_end = false;

@@ -1,8 +1,8 @@
 //! Property tests that run the bodies of the fuzz targets over the slave's
 //! decoders of network and disk bytes on stable (cargo-fuzz needs nightly):
 //! `dbsync` (a DbSync stream: header, chunks, done, through
-//! `fullsync::check_header` / `check_chunk`) and `read_floor` (the content of
-//! `READ_FLOOR`). Each runs on random bytes and on mutated valid encodings,
+//! `fullsync::check_header` / `check_chunk`), `read_floor` (the content of
+//! `READ_FLOOR`) and `relay_extent` (a relay log segment read for the floor). Each runs on random bytes and on mutated valid encodings,
 //! with a bounded number of cases; plus the hostile headers and chunks the
 //! checks must refuse.
 
@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use prost::Message;
 use tern_common::position::ReplId;
 use tern_common::proto::replication::v1 as pb;
+use tern_common::record::{Event, encode_record};
 use tern_slave::floor::{self, Floor};
 use tern_slave::fullsync::{FullSyncError, check_chunk, check_header};
 
@@ -23,6 +24,9 @@ mod dbsync_body {
 }
 mod floor_body {
     include!("../../fuzz/fuzz_targets/read_floor_check.rs");
+}
+mod extent_body {
+    include!("../../fuzz/fuzz_targets/relay_extent_check.rs");
 }
 
 use dbsync_body::{End, FILES_DIR};
@@ -139,6 +143,37 @@ proptest! {
         prop_assert_eq!(floor::decode(&text), Ok(f));
         floor_body::check(&text);
         floor_body::check(&apply(text, &muts));
+    }
+
+    #[test]
+    fn relay_extent_random_bytes(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        extent_body::check(&data);
+    }
+
+    #[test]
+    fn relay_extent_valid_and_mutated(
+        first in prop_oneof![1..100u64, Just(u64::MAX - 40), 1..=u64::MAX],
+        txns in prop::collection::vec(0..4u64, 0..8),
+        muts in arb_mutations(3),
+    ) {
+        // `first` as the input's prefix, then transactions of `puts` Puts each.
+        let mut bytes = first.to_le_bytes().to_vec();
+        let mut index = first;
+        let mut last_commit = first - 1;
+        for (seq, puts) in (1u64..).zip(&txns) {
+            if index.checked_add(puts + 1).is_none() {
+                break;
+            }
+            encode_record(&Event::begin(index, seq, seq - 1, 0), &mut bytes);
+            for i in 0..*puts {
+                encode_record(&Event::put(index + 1 + i, "k", "v"), &mut bytes);
+            }
+            last_commit = index + 1 + puts;
+            encode_record(&Event::commit(last_commit, seq), &mut bytes);
+            index = last_commit + 1;
+        }
+        prop_assert_eq!(extent_body::check(&bytes), last_commit);
+        extent_body::check(&apply(bytes, &muts));
     }
 
     /// Any header naming a file outside the files directory is refused.
