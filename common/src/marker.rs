@@ -54,12 +54,47 @@ impl CleanStop {
     }
 }
 
-/// Records a clean stop at `position` (`None`: no history yet), durably.
+/// Bytes set aside at start for the marker (one filesystem block): a clean stop
+/// must be able to record itself on a disk that filled up meanwhile.
+const RESERVE_BYTES: usize = 4096;
+
+fn tmp_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!("{CLEAN_MARKER}.tmp"))
+}
+
+/// Sets aside the space the marker will need: `CLEAN_SHUTDOWN.tmp`, written
+/// with [`RESERVE_BYTES`] real (not sparse) bytes and fsynced. Call it at start,
+/// once the previous marker is taken; [`write_clean_shutdown`] then overwrites
+/// those blocks in place and renames the file, which needs no new space.
+pub fn reserve_clean_shutdown(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(tmp_path(dir))?;
+    f.write_all(&[0u8; RESERVE_BYTES])?;
+    f.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Records a clean stop at `position` (`None`: no history yet), durably: into
+/// the space [`reserve_clean_shutdown`] set aside when there is one (so it works
+/// on a full disk), else into a new file; then fsync and rename.
 pub fn write_clean_shutdown(dir: &Path, position: Option<Position>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let text = position.map_or(NO_HISTORY.to_string(), |p| p.to_string());
-    let tmp = dir.join(format!("{CLEAN_MARKER}.tmp"));
-    std::fs::write(&tmp, format!("{text}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
+    let content = format!("{text}\n");
+    let tmp = tmp_path(dir);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&tmp)?;
+    f.write_all_at(content.as_bytes(), 0)?;
+    f.set_len(content.len() as u64)?;
+    f.sync_all()?;
+    drop(f);
     std::fs::rename(&tmp, dir.join(CLEAN_MARKER))?;
     std::fs::File::open(dir)?.sync_all()
 }
@@ -112,6 +147,32 @@ mod tests {
         assert!(!taken.matches(Some(ReplId(0xabd)), 42));
         assert!(!taken.matches(None, 42));
         assert_eq!(take_clean_shutdown(dir.path()).unwrap(), CleanStop::Missing);
+    }
+
+    #[test]
+    fn a_reserved_marker_holds_only_the_position() {
+        let dir = tempfile::tempdir().unwrap();
+        reserve_clean_shutdown(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::metadata(tmp_path(dir.path())).unwrap().len(),
+            RESERVE_BYTES as u64
+        );
+        // Taking a marker that is not there leaves the reservation alone.
+        assert_eq!(take_clean_shutdown(dir.path()).unwrap(), CleanStop::Missing);
+        let p = Position {
+            repl_id: ReplId(0xabc),
+            index: 7.into(),
+        };
+        write_clean_shutdown(dir.path(), Some(p)).unwrap();
+        assert!(!tmp_path(dir.path()).exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CLEAN_MARKER)).unwrap(),
+            format!("{p}\n")
+        );
+        assert_eq!(
+            take_clean_shutdown(dir.path()).unwrap(),
+            CleanStop::At(Some(p))
+        );
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
     let marker = tern_common::marker::take_clean_shutdown(dir)
         .context("reading the clean-shutdown marker")?;
+    if let Err(e) = tern_common::marker::reserve_clean_shutdown(dir) {
+        // Not fatal: the node can run; only a clean stop on a full disk may then fail.
+        tracing::warn!(error = %e, "could not set aside space for the clean-shutdown marker");
+    }
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
     let (mut binlog, report) = Binlog::open(

@@ -197,6 +197,10 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let marker = tern_common::marker::take_clean_shutdown(dir)
         .context("reading the clean-shutdown marker")?;
+    if let Err(e) = tern_common::marker::reserve_clean_shutdown(dir) {
+        // Not fatal: the node can run; only a clean stop on a full disk may then fail.
+        tracing::warn!(error = %e, "could not set aside space for the clean-shutdown marker");
+    }
     let slave_id = slave_id(cfg, dir)?;
     if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
         tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
