@@ -618,6 +618,9 @@ impl Link {
         parser: &mut BoundaryParser,
     ) -> Result<pb::BinlogAck, ReconnectReason> {
         let proto = |m: String| ReconnectReason::Protocol(m);
+        if b.first_index == 0 {
+            return Err(proto("batch starts at index 0; indexes start at 1".into()));
+        }
         if b.last_index < b.first_index {
             return Err(proto(format!(
                 "batch [{}, {}] is empty",
@@ -657,7 +660,7 @@ impl Link {
                 .feed(&ev)
                 .map_err(|e| proto(format!("boundary parser: {e}")))?;
         }
-        if offset != b.records.len() || expected != b.last_index + 1 {
+        if offset != b.records.len() || Some(expected) != b.last_index.checked_add(1) {
             return Err(proto(format!(
                 "batch claims [{}, {}] but holds records up to {}",
                 b.first_index,
