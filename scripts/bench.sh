@@ -18,6 +18,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# One target directory for every script (RocksDB is built once): see env.sh.
+source "$ROOT/scripts/env.sh"
 DURATION="${DURATION:-10s}"
 CONCURRENCY="${CONCURRENCY:-64}"
 CONNECTIONS="${CONNECTIONS:-8}"
