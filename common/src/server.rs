@@ -15,6 +15,9 @@
 //! Security ([`auth`], [`tls`]): bearer tokens checked by one layer in front
 //! of every service, and TLS (optionally mutual) on the port.
 
+/// The future of the tower services of this module (auth, budgets, connection tracking).
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 pub mod auth;
 pub mod budgets;
 pub mod connections;

@@ -20,9 +20,7 @@
 //! neither their bytes nor their length leak through timing; they never
 //! appear in logs or in `Debug` output.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -275,7 +273,7 @@ pub struct RequireToken<S> {
     auth: Auth,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use super::BoxFuture;
 
 impl<S> tower::Service<http::Request<Body>> for RequireToken<S>
 where

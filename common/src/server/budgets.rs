@@ -21,8 +21,6 @@
 //! [`RequestStats`] (`Info.requests_in_flight`, `Info.counters.requests_shed`)
 //! and, under a budget, its [`Slot`].
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -287,7 +285,7 @@ pub struct Budgets<S> {
     layer: BudgetsLayer,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use super::BoxFuture;
 
 impl<S> tower::Service<http::Request<Body>> for Budgets<S>
 where

@@ -344,7 +344,7 @@ pub struct TrackStreams<S> {
     shutdown: CancellationToken,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use super::BoxFuture;
 
 impl<S> tower::Service<http::Request<Body>> for TrackStreams<S>
 where
