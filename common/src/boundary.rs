@@ -218,7 +218,7 @@ mod tests {
             Start::OutsideFresh => BoundaryParser::new(10, None),
             Start::InTxn => {
                 let mut p = BoundaryParser::new(8, Some(4));
-                p.feed(&Event::begin(9, 5, 4, 0)).unwrap();
+                p.feed(&Event::begin(9, 5, 0)).unwrap();
                 p.feed(&Event::put(10, &b"k"[..], &b"v"[..])).unwrap();
                 p
             }
@@ -234,7 +234,7 @@ mod tests {
     /// Event of each kind at `index`, with the seq a valid continuation would use.
     fn kinds(index: u64) -> [(&'static str, Event); 4] {
         [
-            ("begin", Event::begin(index, 5, 4, 0)),
+            ("begin", Event::begin(index, 5, 0)),
             ("put", Event::put(index, &b"k"[..], &b"v"[..])),
             ("delete", Event::delete(index, &b"k"[..])),
             ("commit", Event::commit(index, 5)),
@@ -345,7 +345,7 @@ mod tests {
             (u64::MAX, false),
         ] {
             let mut p = BoundaryParser::new(10, Some(4));
-            let r = p.feed(&Event::begin(11, got, 0, 0));
+            let r = p.feed(&Event::begin(11, got, 0));
             if ok {
                 assert_eq!(r, Ok(Step::InTxn));
             } else {
@@ -361,14 +361,14 @@ mod tests {
         }
         // last seq unknown: any seq starts; the next must follow it.
         let mut p = BoundaryParser::new(0, None);
-        assert_eq!(p.feed(&Event::begin(1, 77, 0, 0)), Ok(Step::InTxn));
+        assert_eq!(p.feed(&Event::begin(1, 77, 0)), Ok(Step::InTxn));
         assert_eq!(
             p.feed(&Event::commit(2, 77)),
             Ok(Step::Boundary { index: 2, seq: 77 })
         );
         assert_eq!(p.last_seq(), Some(77));
         assert_eq!(
-            p.feed(&Event::begin(3, 79, 0, 0)),
+            p.feed(&Event::begin(3, 79, 0)),
             Err(BoundaryError::SeqNotNext {
                 index: 3,
                 last: 77,
@@ -378,7 +378,7 @@ mod tests {
         // No seq follows u64::MAX.
         let mut p = BoundaryParser::new(0, Some(u64::MAX));
         assert!(matches!(
-            p.feed(&Event::begin(1, 1, 0, 0)),
+            p.feed(&Event::begin(1, 1, 0)),
             Err(BoundaryError::SeqNotNext { .. })
         ));
     }
@@ -400,7 +400,7 @@ mod tests {
     fn index_overflow_is_non_contiguous() {
         let mut p = BoundaryParser::new(u64::MAX, None);
         assert_eq!(
-            p.feed(&Event::begin(0, 1, 0, 0)),
+            p.feed(&Event::begin(0, 1, 0)),
             Err(BoundaryError::NonContiguous {
                 expected: u64::MAX,
                 got: 0
@@ -412,13 +412,13 @@ mod tests {
     fn a_full_history() {
         let mut p = BoundaryParser::new(0, None);
         let evs = [
-            Event::begin(1, 1, 0, 0),
+            Event::begin(1, 1, 0),
             Event::put(2, &b"a"[..], &b"1"[..]),
             Event::delete(3, &b"b"[..]),
             Event::commit(4, 1),
-            Event::begin(5, 2, 1, 0),
+            Event::begin(5, 2, 0),
             Event::commit(6, 2),
-            Event::begin(7, 3, 2, 0),
+            Event::begin(7, 3, 0),
         ];
         let steps: Vec<_> = evs.iter().map(|e| p.feed(e).unwrap()).collect();
         assert_eq!(

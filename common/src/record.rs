@@ -71,13 +71,9 @@ pub enum RecordError {
 /// What an event does. A transaction is `Begin · (Put | Delete)* · Commit`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// Opens transaction `seq` (contiguous from 1); `last_committed` is its
-    /// logical-clock parent, `commit_ts` the master's clock in unix micros.
-    Begin {
-        seq: u64,
-        last_committed: u64,
-        commit_ts: u64,
-    },
+    /// Opens transaction `seq` (contiguous from 1); `commit_ts` is the
+    /// master's clock in unix micros.
+    Begin { seq: u64, commit_ts: u64 },
     /// After-image of a write.
     Put { key: Bytes, value: Bytes },
     /// Removal of a key.
@@ -120,14 +116,8 @@ impl EventKind {
     /// Encoded length of the kind's message body (without its own key/length).
     fn body_len(&self) -> usize {
         match self {
-            EventKind::Begin {
-                seq,
-                last_committed,
-                commit_ts,
-            } => {
-                varint_field_len(*seq)
-                    + varint_field_len(*last_committed)
-                    + varint_field_len(*commit_ts)
+            EventKind::Begin { seq, commit_ts } => {
+                varint_field_len(*seq) + varint_field_len(*commit_ts)
             }
             EventKind::Put { key, value } => bytes_field_len(key) + bytes_field_len(value),
             EventKind::Delete { key } => bytes_field_len(key),
@@ -160,14 +150,10 @@ impl KindTag {
 
 impl Event {
     /// A `Begin` event.
-    pub fn begin(index: u64, seq: u64, last_committed: u64, commit_ts: u64) -> Event {
+    pub fn begin(index: u64, seq: u64, commit_ts: u64) -> Event {
         Event {
             index,
-            kind: EventKind::Begin {
-                seq,
-                last_committed,
-                commit_ts,
-            },
+            kind: EventKind::Begin { seq, commit_ts },
         }
     }
 
@@ -234,7 +220,6 @@ impl TryFrom<pb::Event> for Event {
                 }
                 EventKind::Begin {
                     seq: b.seq,
-                    last_committed: b.last_committed,
                     commit_ts: b.commit_ts,
                 }
             }
@@ -264,13 +249,8 @@ impl From<&Event> for pb::Event {
     fn from(ev: &Event) -> pb::Event {
         use pb::event::Kind;
         let kind = match &ev.kind {
-            EventKind::Begin {
-                seq,
-                last_committed,
-                commit_ts,
-            } => Kind::Begin(pb::Begin {
+            EventKind::Begin { seq, commit_ts } => Kind::Begin(pb::Begin {
                 seq: *seq,
-                last_committed: *last_committed,
                 commit_ts: *commit_ts,
             }),
             EventKind::Put { key, value } => Kind::Put(pb::Put {
@@ -310,13 +290,8 @@ pub fn encode_record(ev: &Event, out: &mut Vec<u8>) {
     out.push(ev.kind.tag().key());
     put_varint(out, body as u64);
     match &ev.kind {
-        EventKind::Begin {
-            seq,
-            last_committed,
-            commit_ts,
-        } => {
+        EventKind::Begin { seq, commit_ts } => {
             put_varint_field(out, 0x08, *seq);
-            put_varint_field(out, 0x10, *last_committed);
             put_varint_field(out, 0x18, *commit_ts);
         }
         EventKind::Put { key, value } => {
@@ -640,9 +615,9 @@ mod tests {
 
     fn samples() -> Vec<Event> {
         vec![
-            Event::begin(1, 1, 0, 0),
-            Event::begin(u64::MAX, u64::MAX, u64::MAX, u64::MAX),
-            Event::begin(300, 7, 6, 1_700_000_000_000_000),
+            Event::begin(1, 1, 0),
+            Event::begin(u64::MAX, u64::MAX, u64::MAX),
+            Event::begin(300, 7, 1_700_000_000_000_000),
             Event::put(2, &b"k"[..], &b"v"[..]),
             Event::put(3, Bytes::new(), Bytes::new()),
             Event::put(4, vec![0u8; 200], vec![7u8; 20_000]),
@@ -818,7 +793,7 @@ mod tests {
     #[test]
     fn records_iterator_stops_after_first_error() {
         let evs = [
-            Event::begin(1, 1, 0, 0),
+            Event::begin(1, 1, 0),
             Event::put(2, &b"a"[..], &b"b"[..]),
             Event::commit(3, 1),
         ];
@@ -827,7 +802,7 @@ mod tests {
             encode_record(e, &mut buf);
         }
         let good = buf.len();
-        encode_record(&Event::begin(4, 2, 1, 0), &mut buf);
+        encode_record(&Event::begin(4, 2, 0), &mut buf);
         buf.truncate(buf.len() - 1);
         encode_record(&Event::commit(5, 2), &mut buf); // after the torn record: never reached
 

@@ -31,13 +31,8 @@ fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
 
 fn arb_kind() -> impl Strategy<Value = EventKind> {
     prop_oneof![
-        (1..=u64::MAX, any::<u64>(), any::<u64>()).prop_map(|(seq, last_committed, commit_ts)| {
-            EventKind::Begin {
-                seq,
-                last_committed,
-                commit_ts,
-            }
-        }),
+        (1..=u64::MAX, any::<u64>())
+            .prop_map(|(seq, commit_ts)| EventKind::Begin { seq, commit_ts }),
         (arb_bytes(64), arb_bytes(600)).prop_map(|(key, value)| EventKind::Put { key, value }),
         arb_bytes(64).prop_map(|key| EventKind::Delete { key }),
         (1..=u64::MAX).prop_map(|seq| EventKind::Commit { seq }),
@@ -64,7 +59,7 @@ fn arb_txn() -> impl Strategy<Value = TxnShape> {
 
 /// Events of transaction `seq` starting at `first`.
 fn txn_events(first: u64, seq: u64, shape: &TxnShape) -> Vec<Event> {
-    let mut evs = vec![Event::begin(first, seq, seq - 1, 1_000_000 + seq)];
+    let mut evs = vec![Event::begin(first, seq, 1_000_000 + seq)];
     for (i, &len) in shape.values.iter().enumerate() {
         let index = first + evs.len() as u64;
         evs.push(Event::put(
@@ -410,7 +405,7 @@ proptest! {
                 _ => next_seq,
             }.saturating_add_signed(op.seq_delta.into()).max(1);
             let ev = match op.kind {
-                0 => Event::begin(index, seq, 0, 0),
+                0 => Event::begin(index, seq, 0),
                 1 => Event::put(index, &b"k"[..], &b"v"[..]),
                 2 => Event::delete(index, &b"k"[..]),
                 _ => Event::commit(index, seq),

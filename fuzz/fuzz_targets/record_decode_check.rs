@@ -119,7 +119,7 @@ fn parser_script(data: &[u8]) {
         };
         let seq_off = u64::from((b >> 5) == 7);
         let ev = match b & 3 {
-            0 => Event::begin(index, next_seq + seq_off, next_seq - 1, 0),
+            0 => Event::begin(index, next_seq + seq_off, 0),
             1 => Event::put(index, vec![b], vec![b; usize::from(b >> 4)]),
             2 => Event::delete(index, vec![b]),
             _ => Event::commit(index, open_seq.unwrap_or(next_seq) + seq_off),

@@ -210,16 +210,10 @@ struct Stream {
 impl Stream {
     fn new(c: &Case) -> Stream {
         let mut events = Vec::new();
-        let mut last_commit = 0;
         for (t, &puts) in c.txns.iter().enumerate() {
             let seq = t as u64 + 1;
             let idx = |events: &Vec<Event>| events.len() as u64 + 1;
-            events.push(Event::begin(
-                idx(&events),
-                seq,
-                last_commit,
-                1_700_000_000_000 + seq,
-            ));
+            events.push(Event::begin(idx(&events), seq, 1_700_000_000_000 + seq));
             for j in 0..puts {
                 let value = format!("value {seq}.{j}").repeat(j + 1);
                 events.push(Event::put(
@@ -228,7 +222,7 @@ impl Stream {
                     value.into_bytes(),
                 ));
             }
-            last_commit = idx(&events);
+            let last_commit = idx(&events);
             events.push(Event::commit(last_commit, seq));
         }
         let mut bytes = Vec::new();
@@ -470,7 +464,7 @@ fn broken(
                 .count() as u64
                 + 1;
             let at = done as u64 + 1;
-            records = reencode(&[Event::begin(at, seq, 0, 1), Event::begin(at + 1, seq, 0, 1)]);
+            records = reencode(&[Event::begin(at, seq, 1), Event::begin(at + 1, seq, 1)]);
             b.first_index = at;
             b.last_index = at + 1;
         }

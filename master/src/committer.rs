@@ -24,10 +24,9 @@
 //!   segment that cannot be created): the binlog undid the append, so nothing
 //!   of the group exists anywhere; its clients get [`WriteError::NotCommitted`]
 //!   (RESOURCE_EXHAUSTED for a resource that ran out, UNAVAILABLE otherwise),
-//!   the WRITESET history becomes a barrier, and the next group is tried
-//!   normally: writes work again as soon as the cause is gone. While failing,
-//!   an idle committer probes the binlog directory once a second so health
-//!   comes back without a write.
+//!   and the next group is tried normally: writes work again as soon as the
+//!   cause is gone. While failing, an idle committer probes the binlog
+//!   directory once a second so health comes back without a write.
 //! - **fsync fails**: the kernel may have dropped the dirty pages, so a later
 //!   fsync that succeeds proves nothing. The group's clients get
 //!   [`WriteError::SyncFailed`] (outcome unknown), every later request
@@ -70,7 +69,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::pins::{Pins, SLAVE_PREFIX, SNAPSHOT_PREFIX};
 use crate::retention::{self, Policy};
-use crate::writeset::WriteSet;
 
 /// Most requests executed in one group.
 const MAX_GROUP_REQUESTS: usize = 2048;
@@ -80,8 +78,6 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 const MAX_TXN_WRITE_BYTES: usize = 2 * MAX_TXN_BYTES;
 /// Recent group commit times kept for lag figures.
 const COMMIT_TIMES: usize = 65_536;
-/// Entries kept in the WRITESET history.
-const WRITESET_CAPACITY: usize = 256 * 1024;
 /// Retention runs at most this often.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -294,7 +290,6 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(4 * MAX_GROUP_REQUESTS);
     let progress = Progress::new(&binlog, &state);
     let committer = Committer {
-        writeset: WriteSet::new(state.last_seq(), WRITESET_CAPACITY),
         next_seq: state.last_seq() + 1,
         binlog,
         state,
@@ -318,7 +313,6 @@ pub fn spawn(
 struct Committer {
     binlog: Binlog,
     state: State,
-    writeset: WriteSet,
     next_seq: u64,
     progress: Arc<Progress>,
     last_flush: Instant,
@@ -725,9 +719,6 @@ impl Committer {
                     continue;
                 }
             };
-            let last_committed = self
-                .writeset
-                .commit(seq, writes.iter().map(|(k, _)| k.as_ref()));
             let mut push = |kind| {
                 encode_record(
                     &Event {
@@ -738,11 +729,7 @@ impl Committer {
                 );
                 next_index += 1;
             };
-            push(EventKind::Begin {
-                seq,
-                last_committed,
-                commit_ts,
-            });
+            push(EventKind::Begin { seq, commit_ts });
             for (key, value) in &writes {
                 match value {
                     Some(v) => {
@@ -778,9 +765,7 @@ impl Committer {
                     self.fail_for_good(&e);
                     WriteError::SyncFailed(io_cause(&e))
                 } else {
-                    // Undone: none of these seqs exist. The WRITESET history
-                    // saw them, so it restarts as a barrier.
-                    self.writeset = WriteSet::new(self.next_seq - 1, WRITESET_CAPACITY);
+                    // Undone: none of these seqs exist.
                     let err = WriteError::NotCommitted {
                         cause: io_cause(&e),
                         exhausted: e.is_out_of_resources(),

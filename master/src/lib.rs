@@ -1,14 +1,13 @@
 //! tern-master: accepts writes, records them in the binlog, applies them to RocksDB
 //! and streams the binlog (or, for a full sync, a RocksDB checkpoint) to slaves.
 //!
-//! - [`committer`]: the single write path (group commit, after-images, WRITESET).
+//! - [`committer`]: the single write path (group commit, after-images).
 //! - [`sync`]: one sync session per slave: TrySync validation, first-send ack,
 //!   windowed binlog streaming, heartbeats and link timeout; and `DbSync`, the
 //!   full-sync snapshot stream.
 //! - [`snapshot`]: full-sync snapshots (RocksDB checkpoints) served by `DbSync`.
 //! - [`pins`]: who still needs the binlog after which index.
 //! - [`retention`]: which binlog segments may be purged (size, age, pins, hard cap).
-//! - [`writeset`]: `last_committed` dependency tracking for parallel apply on slaves.
 //! - [`node`]: opening the data directory, recovery, and [`run`], which serves
 //!   Kv, Admin, health and reflection on one port until shut down.
 
@@ -18,6 +17,5 @@ pub mod pins;
 pub mod retention;
 pub mod snapshot;
 pub mod sync;
-pub mod writeset;
 
 pub use node::run;

@@ -253,7 +253,7 @@ mod tests {
     use tern_common::record::{Event, encode_record};
 
     fn txn(out: &mut Vec<u8>, begin: u64, seq: u64, puts: u64) -> u64 {
-        encode_record(&Event::begin(begin, seq, seq - 1, 0), out);
+        encode_record(&Event::begin(begin, seq, 0), out);
         for i in 0..puts {
             encode_record(&Event::put(begin + 1 + i, "k", "v"), out);
         }
@@ -420,7 +420,7 @@ mod tests {
         assert_eq!(relay_extent(&relay).unwrap(), c2);
         // A partial transaction after the last Commit does not count.
         let mut partial = bytes.clone();
-        encode_record(&Event::begin(c2 + 1, 3, 2, 0), &mut partial);
+        encode_record(&Event::begin(c2 + 1, 3, 0), &mut partial);
         std::fs::write(&seg, &partial).unwrap();
         assert_eq!(relay_extent(&relay).unwrap(), c2);
         // The last Commit fails its checksum: its index still counts...

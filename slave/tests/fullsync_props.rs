@@ -164,7 +164,7 @@ proptest! {
             if index.checked_add(puts + 1).is_none() {
                 break;
             }
-            encode_record(&Event::begin(index, seq, seq - 1, 0), &mut bytes);
+            encode_record(&Event::begin(index, seq, 0), &mut bytes);
             for i in 0..*puts {
                 encode_record(&Event::put(index + 1 + i, "k", "v"), &mut bytes);
             }

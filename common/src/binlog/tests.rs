@@ -10,7 +10,7 @@ use crate::record::{Event, Frames, Records, encode_record};
 /// `first`; returns the bytes and the Commit's index.
 fn txn(first: u64, seq: u64, puts: usize, value_len: usize) -> (Vec<u8>, u64) {
     let mut out = Vec::new();
-    encode_record(&Event::begin(first, seq, seq - 1, 1_000 + seq), &mut out);
+    encode_record(&Event::begin(first, seq, 1_000 + seq), &mut out);
     for i in 0..puts as u64 {
         let key = format!("k{seq}-{i}").into_bytes();
         let value = vec![(seq + i) as u8; value_len];
@@ -120,7 +120,7 @@ fn append_read_reopen() {
         evs.iter().map(|e| e.index).collect::<Vec<_>>(),
         [6, 7, 8, 9, 10]
     );
-    assert_eq!(evs[0], Event::begin(6, 2, 1, 1_002));
+    assert_eq!(evs[0], Event::begin(6, 2, 1_002));
     assert_eq!(evs[4], Event::commit(10, 2));
     assert_eq!(r.position(), 11);
     drop(log);
@@ -445,8 +445,8 @@ fn recovery_refuses_a_broken_structure() {
     // A well-framed Begin inside a transaction.
     let path = tmp.path().join(segment_name(1));
     let mut bytes = fs::read(&path).unwrap();
-    encode_record(&Event::begin(7, 3, 2, 0), &mut bytes);
-    encode_record(&Event::begin(8, 3, 2, 0), &mut bytes);
+    encode_record(&Event::begin(7, 3, 0), &mut bytes);
+    encode_record(&Event::begin(8, 3, 0), &mut bytes);
     fs::write(&path, &bytes).unwrap();
     match Binlog::open(tmp.path(), opts(1 << 30)) {
         Err(BinlogError::Structure {
@@ -950,7 +950,7 @@ fn bad_second_half_of_a_split_append_is_undone_too() {
     let view = writer_view(&log);
     // t1's Commit, then a record claiming the wrong index.
     let mut batch = t1[cut..].to_vec();
-    encode_record(&Event::begin(t1_last + 5, 2, 1, 7), &mut batch);
+    encode_record(&Event::begin(t1_last + 5, 2, 7), &mut batch);
     let err = log.append(&batch, t1_last, t1_last + 1, false).unwrap_err();
     assert!(matches!(err, BinlogError::BadBatch { .. }), "{err}");
     assert_eq!(writer_view(&log), view);
