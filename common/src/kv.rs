@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits::{self, LimitError};
 use crate::proto::kv::v1 as pb;
@@ -63,11 +64,32 @@ pub struct WriteOutcome {
     pub results: Vec<OpOutcome>,
 }
 
+/// The answer to a queued write: resolves once it committed (or failed).
+pub type PendingWrite = crate::server::BoxFuture<Result<WriteOutcome, Status>>;
+
 /// Where a node's writes go (the master's committer).
 #[tonic::async_trait]
 pub trait Writer: Send + Sync + 'static {
-    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status>;
+    /// Queues one write (a transaction) and returns its answer to await.
+    /// Waits while the write path's queue is full. Writes one caller queued
+    /// one after the other commit in that order.
+    async fn submit(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, Status>;
+
+    /// Queues one write and waits for its answer.
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
+        self.submit(ops).await?.await
+    }
 }
+
+/// Writes of one `Pipeline` stream in flight at most (queued or committing,
+/// answer not yet taken): past it the server stops reading the stream.
+pub const MAX_PIPELINE_IN_FLIGHT: usize = 1024;
+/// Keys and values of pipelined writes in flight on the whole node, over
+/// every stream: a stream whose next write does not fit waits (it is not
+/// read further), so hostile or merely busy pipelines cannot hold more.
+pub const PIPELINE_BYTES_IN_FLIGHT: usize = 256 << 20;
+/// Unit of [`PIPELINE_BYTES_IN_FLIGHT`]'s semaphore.
+const PIPELINE_PERMIT_BYTES: usize = 1024;
 
 /// The oldest state a replica may serve: reads wait until the applied index
 /// reaches `index` and are refused (UNAVAILABLE, counted in `refused`) when it
@@ -96,6 +118,10 @@ pub struct KvService {
     applied: watch::Receiver<u64>,
     writer: Option<Arc<dyn Writer>>,
     floor: Option<ReadFloor>,
+    /// Ends `Pipeline` streams (after answering what they queued).
+    shutdown: CancellationToken,
+    /// [`PIPELINE_BYTES_IN_FLIGHT`], in [`PIPELINE_PERMIT_BYTES`] units.
+    pipeline_bytes: Arc<Semaphore>,
 }
 
 impl KvService {
@@ -110,7 +136,18 @@ impl KvService {
             applied,
             writer,
             floor: None,
+            shutdown: CancellationToken::new(),
+            pipeline_bytes: Arc::new(Semaphore::new(
+                PIPELINE_BYTES_IN_FLIGHT / PIPELINE_PERMIT_BYTES,
+            )),
         }
+    }
+
+    /// `Pipeline` streams stop reading when `shutdown` is cancelled, answer
+    /// the writes they queued, and end with UNAVAILABLE.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> KvService {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Serves reads only at or above `floor` (a replica).
@@ -125,13 +162,14 @@ impl KvService {
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
     }
 
+    fn writer(&self) -> Result<&Arc<dyn Writer>, Status> {
+        self.writer.as_ref().ok_or_else(|| {
+            Status::failed_precondition("read-only replica: send writes to the master")
+        })
+    }
+
     async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
-        let Some(w) = &self.writer else {
-            return Err(Status::failed_precondition(
-                "read-only replica: send writes to the master",
-            ));
-        };
-        w.write(ops).await
+        self.writer()?.write(ops).await
     }
 
     /// Waits, at most `wait_ms`, until the applied index reaches both
@@ -242,6 +280,146 @@ fn op_from_wire(op: pb::op::Op) -> Result<(WriteOp, usize), LimitError> {
     Ok((op, bytes))
 }
 
+/// Validates the ops of one transaction (a `Txn`, or a `Pipeline` write);
+/// returns them and their key and value bytes.
+fn txn_from_wire(wire: Vec<pb::Op>) -> Result<(Vec<WriteOp>, usize), Status> {
+    if wire.is_empty() {
+        return Err(invalid(LimitError::EmptyTxn));
+    }
+    if wire.len() > limits::MAX_TXN_OPS {
+        return Err(invalid(LimitError::TooManyOps { ops: wire.len() }));
+    }
+    let mut ops = Vec::with_capacity(wire.len());
+    let mut total = 0usize;
+    for (i, op) in wire.into_iter().enumerate() {
+        let Some(op) = op.op else {
+            return Err(Status::invalid_argument(format!("op {i} is empty")));
+        };
+        let (op, n) =
+            op_from_wire(op).map_err(|e| Status::invalid_argument(format!("op {i}: {e}")))?;
+        total += n;
+        if total > limits::MAX_TXN_BYTES {
+            return Err(invalid(LimitError::TxnTooLarge { bytes: total }));
+        }
+        ops.push(op);
+    }
+    Ok((ops, total))
+}
+
+/// The result of each op of a committed transaction, as sent.
+fn results_to_wire(out: &WriteOutcome) -> Vec<pb::OpResult> {
+    out.results
+        .iter()
+        .map(|r| pb::OpResult {
+            result: Some(match r {
+                OpOutcome::Put => pb::op_result::Result::Put(pb::PutResult {}),
+                OpOutcome::Delete => pb::op_result::Result::Delete(pb::DeleteResult {}),
+                OpOutcome::IncrBy(v) => pb::op_result::Result::IncrBy(pb::IncrByResponse {
+                    value: *v,
+                    index: out.index,
+                }),
+                OpOutcome::Append(l) => pb::op_result::Result::Append(pb::AppendResponse {
+                    length: *l,
+                    index: out.index,
+                }),
+            }),
+        })
+        .collect()
+}
+
+/// One entry of a pipeline's answer queue, in request order.
+enum Queued {
+    /// Queued on the write path; the permit holds its bytes' share of
+    /// [`PIPELINE_BYTES_IN_FLIGHT`] until its answer is taken.
+    Write(u64, PendingWrite, OwnedSemaphorePermit),
+    /// A write refused before it was queued (invalid ops).
+    Refused(u64, Status),
+    /// The stream ends here with this status.
+    End(Status),
+}
+
+/// Serves one `Pipeline` stream: a task reads requests and queues each write
+/// on the write path as soon as it arrives (so many are in flight), and the
+/// answer stream awaits them in request order. Bounded: at most
+/// [`MAX_PIPELINE_IN_FLIGHT`] answers wait, and the node's pipelined writes
+/// in flight hold at most [`PIPELINE_BYTES_IN_FLIGHT`]; past either the
+/// reader waits, and HTTP/2 flow control stops the client.
+fn pipeline(
+    writer: Arc<dyn Writer>,
+    mut inbound: Streaming<pb::PipelineRequest>,
+    bytes: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> crate::server::BoxStream<pb::PipelineResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(MAX_PIPELINE_IN_FLIGHT);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Queued::End(Status::unavailable(
+                        "the node is shutting down: writes sent after the last answer were not run",
+                    ))).await;
+                    return;
+                }
+                next = inbound.message() => next,
+            };
+            let queued = match next {
+                Ok(Some(req)) => match txn_from_wire(req.ops) {
+                    Ok((ops, size)) => {
+                        // A txn is at most MAX_TXN_BYTES: far below the total.
+                        let units = size.div_ceil(PIPELINE_PERMIT_BYTES).max(1) as u32;
+                        let Ok(permit) = bytes.clone().acquire_many_owned(units).await else {
+                            return;
+                        };
+                        match writer.submit(ops).await {
+                            Ok(pending) => Queued::Write(req.id, pending, permit),
+                            Err(status) => Queued::Refused(req.id, status),
+                        }
+                    }
+                    Err(status) => Queued::Refused(req.id, status),
+                },
+                // The client closed its side: answer what is queued, then end.
+                Ok(None) => return,
+                Err(status) => Queued::End(status),
+            };
+            let end = matches!(queued, Queued::End(_));
+            if tx.send(queued).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        let item = match rx.recv().await? {
+            Queued::Write(id, pending, _permit) => Ok(match pending.await {
+                Ok(out) => pb::PipelineResponse {
+                    id,
+                    index: out.index,
+                    results: results_to_wire(&out),
+                    code: 0,
+                    message: String::new(),
+                },
+                Err(status) => refused(id, status),
+            }),
+            Queued::Refused(id, status) => Ok(refused(id, status)),
+            Queued::End(status) => {
+                rx.close();
+                Err(status)
+            }
+        };
+        Some((item, rx))
+    }))
+}
+
+fn refused(id: u64, status: Status) -> pb::PipelineResponse {
+    pb::PipelineResponse {
+        id,
+        index: 0,
+        results: Vec::new(),
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
 fn single(op: pb::op::Op) -> Result<Vec<WriteOp>, Status> {
     op_from_wire(op).map(|(op, _)| vec![op]).map_err(invalid)
 }
@@ -304,50 +482,28 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let req = req.into_inner();
-        if req.ops.is_empty() {
-            return Err(invalid(LimitError::EmptyTxn));
-        }
-        if req.ops.len() > limits::MAX_TXN_OPS {
-            return Err(invalid(LimitError::TooManyOps { ops: req.ops.len() }));
-        }
-        let mut ops = Vec::with_capacity(req.ops.len());
-        let mut total = 0usize;
-        for (i, op) in req.ops.into_iter().enumerate() {
-            let Some(op) = op.op else {
-                return Err(Status::invalid_argument(format!("op {i} is empty")));
-            };
-            let (op, n) =
-                op_from_wire(op).map_err(|e| Status::invalid_argument(format!("op {i}: {e}")))?;
-            total += n;
-            if total > limits::MAX_TXN_BYTES {
-                return Err(invalid(LimitError::TxnTooLarge { bytes: total }));
-            }
-            ops.push(op);
-        }
+        let (ops, _) = txn_from_wire(req.into_inner().ops)?;
         let out = self.write(ops).await?;
-        let results = out
-            .results
-            .iter()
-            .map(|r| pb::OpResult {
-                result: Some(match r {
-                    OpOutcome::Put => pb::op_result::Result::Put(pb::PutResult {}),
-                    OpOutcome::Delete => pb::op_result::Result::Delete(pb::DeleteResult {}),
-                    OpOutcome::IncrBy(v) => pb::op_result::Result::IncrBy(pb::IncrByResponse {
-                        value: *v,
-                        index: out.index,
-                    }),
-                    OpOutcome::Append(l) => pb::op_result::Result::Append(pb::AppendResponse {
-                        length: *l,
-                        index: out.index,
-                    }),
-                }),
-            })
-            .collect();
         Ok(Response::new(pb::TxnResponse {
             index: out.index,
-            results,
+            results: results_to_wire(&out),
         }))
+    }
+
+    type PipelineStream = crate::server::BoxStream<pb::PipelineResponse>;
+
+    async fn pipeline(
+        &self,
+        req: Request<Streaming<pb::PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let writer = self.writer()?.clone();
+        let inbound = req.into_inner();
+        Ok(Response::new(pipeline(
+            writer,
+            inbound,
+            self.pipeline_bytes.clone(),
+            self.shutdown.clone(),
+        )))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {

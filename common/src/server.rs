@@ -15,8 +15,12 @@
 //! Security ([`auth`], [`tls`]): bearer tokens checked by one layer in front
 //! of every service, and TLS (optionally mutual) on the port.
 
-/// The future of the tower services of this module (auth, budgets, connection tracking).
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// A boxed future: the tower services of this module (auth, budgets, connection
+/// tracking) and a queued write ([`crate::kv::PendingWrite`]).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// A boxed gRPC response stream.
+pub type BoxStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
 
 pub mod auth;
 pub mod budgets;

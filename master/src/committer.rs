@@ -262,12 +262,22 @@ pub struct CommitterHandle {
 
 impl CommitterHandle {
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, WriteError> {
+        self.submit(ops).await?.await
+    }
+
+    /// Queues a write (waiting while the queue is full) and returns its
+    /// answer to await. Writes queued one after the other by one caller
+    /// commit in that order (the queue is FIFO, groups run in order).
+    pub async fn submit(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> Result<impl Future<Output = Result<WriteOutcome, WriteError>> + use<>, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(WriteRequest { ops, reply })
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
-        rx.await.map_err(|_| WriteError::ShuttingDown)?
+        Ok(async move { rx.await.map_err(|_| WriteError::ShuttingDown)? })
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogOptions, FsyncPolicy};
 use tern_common::config::Config;
 use tern_common::history::Histories;
-use tern_common::kv::{KvService, WriteOp, WriteOutcome, Writer};
+use tern_common::kv::{KvService, PendingWrite, WriteOp, Writer};
 use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -33,23 +33,29 @@ struct CommitWriter(CommitterHandle);
 
 #[tonic::async_trait]
 impl Writer for CommitWriter {
-    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
-        self.0.write(ops).await.map_err(|e| match e {
-            WriteError::NotAnInteger { .. }
-            | WriteError::Overflow { .. }
-            | WriteError::ValueTooLarge { .. } => Status::failed_precondition(e.to_string()),
-            WriteError::TxnTooLarge { .. } => Status::invalid_argument(e.to_string()),
-            WriteError::NotCommitted {
-                exhausted: true, ..
-            } => Status::resource_exhausted(e.to_string()),
-            WriteError::ShuttingDown
-            | WriteError::NotCommitted { .. }
-            | WriteError::SyncFailed(_)
-            | WriteError::Failed(_)
-            | WriteError::Unknown(_)
-            | WriteError::StateBehind(_) => Status::unavailable(e.to_string()),
-            WriteError::Internal(_) => Status::internal(e.to_string()),
-        })
+    async fn submit(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, Status> {
+        let answer = self.0.submit(ops).await.map_err(write_status)?;
+        Ok(Box::pin(async move { answer.await.map_err(write_status) }))
+    }
+}
+
+/// The gRPC status a client gets for a write the committer refused or failed.
+fn write_status(e: WriteError) -> Status {
+    match e {
+        WriteError::NotAnInteger { .. }
+        | WriteError::Overflow { .. }
+        | WriteError::ValueTooLarge { .. } => Status::failed_precondition(e.to_string()),
+        WriteError::TxnTooLarge { .. } => Status::invalid_argument(e.to_string()),
+        WriteError::NotCommitted {
+            exhausted: true, ..
+        } => Status::resource_exhausted(e.to_string()),
+        WriteError::ShuttingDown
+        | WriteError::NotCommitted { .. }
+        | WriteError::SyncFailed(_)
+        | WriteError::Failed(_)
+        | WriteError::Unknown(_)
+        | WriteError::StateBehind(_) => Status::unavailable(e.to_string()),
+        WriteError::Internal(_) => Status::internal(e.to_string()),
     }
 }
 
@@ -324,7 +330,8 @@ pub async fn run(
         state.clone(),
         progress.applied.subscribe(),
         Some(Arc::new(CommitWriter(handle))),
-    );
+    )
+    .with_shutdown(shutdown.clone());
     let sync = SyncShared::new(
         histories.clone(),
         progress.clone(),

@@ -357,6 +357,7 @@ mod tests {
     #[test]
     fn services_need_their_token() {
         assert_eq!(need("/tern.kv.v1.Kv/Put"), Need::Client);
+        assert_eq!(need("/tern.kv.v1.Kv/Pipeline"), Need::Client);
         assert_eq!(need("/tern.admin.v1.Admin/Info"), Need::Client);
         assert_eq!(
             need("/tern.replication.v1.Replication/Sync"),

@@ -140,6 +140,11 @@ struct KvArgs {
     /// Puts per txn operation.
     #[arg(long, default_value_t = 4)]
     txn_ops: usize,
+    /// 0: one unary call per op. N > 0: each client opens one Kv.Pipeline
+    /// stream and keeps up to N writes in flight on it (like redis-benchmark
+    /// -P N); writes only (put, incr, append, txn).
+    #[arg(long, default_value_t = 0)]
+    pipeline: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -400,9 +405,23 @@ struct KvTaskResult {
     errors: BTreeMap<String, u64>,
 }
 
+impl KvTaskResult {
+    fn new() -> KvTaskResult {
+        KvTaskResult {
+            ops: 0,
+            puts: 0,
+            latency: histogram(),
+            errors: BTreeMap::new(),
+        }
+    }
+}
+
 async fn run_kv(a: KvArgs) -> anyhow::Result<Summary> {
     if a.concurrency == 0 || a.connections == 0 || a.keys == 0 {
         bail!("--concurrency, --connections and --keys must be > 0");
+    }
+    if a.pipeline > 0 && a.mix.table.iter().any(|(_, k)| *k == OpKind::Get) {
+        bail!("--pipeline streams writes only: drop get from --mix");
     }
     let mut channels = Vec::new();
     for _ in 0..a.connections {
@@ -428,17 +447,21 @@ async fn run_kv(a: KvArgs) -> anyhow::Result<Summary> {
             let client = KvClient::new(channels[i % channels.len()].clone())
                 .max_encoding_message_size(tern_common::limits::MAX_MESSAGE_BYTES)
                 .max_decoding_message_size(tern_common::limits::MAX_MESSAGE_BYTES);
-            tokio::spawn(kv_task(client, a.clone(), value.clone(), stop.clone()))
+            if a.pipeline > 0 {
+                tokio::spawn(pipeline_task(
+                    client,
+                    a.clone(),
+                    value.clone(),
+                    stop.clone(),
+                ))
+            } else {
+                tokio::spawn(kv_task(client, a.clone(), value.clone(), stop.clone()))
+            }
         })
         .collect();
     tokio::time::sleep(a.duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = KvTaskResult {
-        ops: 0,
-        puts: 0,
-        latency: histogram(),
-        errors: BTreeMap::new(),
-    };
+    let mut total = KvTaskResult::new();
     for t in tasks {
         let r = t.await?;
         total.ops += r.ops;
@@ -469,8 +492,8 @@ async fn run_kv(a: KvArgs) -> anyhow::Result<Summary> {
         latency_us: total.latency,
         errors: total.errors,
         label: format!(
-            "{} c={} conns={} value={}B keys={} mix={mix}",
-            a.target, a.concurrency, a.connections, a.value_size, a.keys
+            "{} c={} conns={} pipeline={} value={}B keys={} mix={mix}",
+            a.target, a.concurrency, a.connections, a.pipeline, a.value_size, a.keys
         ),
     })
 }
@@ -482,12 +505,7 @@ async fn kv_task(
     stop: Arc<AtomicBool>,
 ) -> KvTaskResult {
     let mut rng = StdRng::from_os_rng();
-    let mut r = KvTaskResult {
-        ops: 0,
-        puts: 0,
-        latency: histogram(),
-        errors: BTreeMap::new(),
-    };
+    let mut r = KvTaskResult::new();
     let key = |rng: &mut StdRng, prefix: &str| {
         Bytes::from(format!("{prefix}{:012}", rng.random_range(0..a.keys)))
     };
@@ -564,6 +582,101 @@ async fn kv_task(
                     // Do not spin on a node that is down.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+            }
+        }
+    }
+    r
+}
+
+/// One write of the mix as the ops of a transaction, and how many Puts it holds.
+fn write_ops(kind: OpKind, a: &KvArgs, rng: &mut StdRng, value: &Bytes) -> (Vec<kv::Op>, u64) {
+    let key = |rng: &mut StdRng, prefix: &str| {
+        Bytes::from(format!("{prefix}{:012}", rng.random_range(0..a.keys)))
+    };
+    let put = |rng: &mut StdRng| {
+        kv::op::Op::Put(kv::PutRequest {
+            key: key(rng, "k"),
+            value: value.clone(),
+        })
+    };
+    let (ops, puts) = match kind {
+        OpKind::Put => (vec![put(rng)], 1),
+        OpKind::Txn => ((0..a.txn_ops).map(|_| put(rng)).collect(), a.txn_ops as u64),
+        OpKind::Incr => (
+            vec![kv::op::Op::IncrBy(kv::IncrByRequest {
+                key: key(rng, "c"),
+                delta: 1,
+            })],
+            0,
+        ),
+        OpKind::Append => (
+            vec![kv::op::Op::Append(kv::AppendRequest {
+                key: key(rng, "a"),
+                value: value.clone(),
+            })],
+            0,
+        ),
+        OpKind::Get => unreachable!("run_kv refuses get with --pipeline"),
+    };
+    (
+        ops.into_iter().map(|op| kv::Op { op: Some(op) }).collect(),
+        puts,
+    )
+}
+
+/// One client on one Kv.Pipeline stream, keeping `--pipeline` writes in
+/// flight; latency is from sending a write to reading its answer.
+async fn pipeline_task(
+    mut client: KvClient<Channel>,
+    a: Arc<KvArgs>,
+    value: Bytes,
+    stop: Arc<AtomicBool>,
+) -> KvTaskResult {
+    let mut rng = StdRng::from_os_rng();
+    let mut r = KvTaskResult::new();
+    let (tx, rx) = tokio::sync::mpsc::channel(a.pipeline);
+    let mut answers = match client
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            *r.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+            return r;
+        }
+    };
+    // Send time and Puts of each write in flight, in order.
+    let mut in_flight = std::collections::VecDeque::with_capacity(a.pipeline);
+    let mut id = 0u64;
+    loop {
+        while in_flight.len() < a.pipeline && !stop.load(Ordering::Relaxed) {
+            let (ops, puts) = write_ops(a.mix.pick(&mut rng), &a, &mut rng, &value);
+            id += 1;
+            in_flight.push_back((Instant::now(), puts));
+            if tx.send(kv::PipelineRequest { id, ops }).await.is_err() {
+                break;
+            }
+        }
+        let Some((t0, puts)) = in_flight.pop_front() else {
+            break;
+        };
+        match answers.message().await {
+            Ok(Some(answer)) if answer.code == 0 => {
+                record(&mut r.latency, t0.elapsed());
+                r.ops += 1;
+                r.puts += puts;
+            }
+            Ok(Some(answer)) => {
+                let code = tonic::Code::from_i32(answer.code);
+                *r.errors.entry(format!("{code:?}")).or_default() += 1;
+            }
+            Ok(None) => {
+                *r.errors.entry("stream ended".into()).or_default() += 1;
+                break;
+            }
+            Err(s) => {
+                *r.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                break;
             }
         }
     }
