@@ -69,6 +69,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::pins::{Pins, SLAVE_PREFIX, SNAPSHOT_PREFIX};
 use crate::retention::{self, Policy};
+use crate::tail::{TAIL_BYTES, Tail};
 
 /// Most requests executed in one group.
 const MAX_GROUP_REQUESTS: usize = 2048;
@@ -194,6 +195,8 @@ pub struct Progress {
     pub write_path: watch::Sender<WritePath>,
     /// When each recent group committed: (last index of the group, time), for lag_ms.
     commit_times: Mutex<VecDeque<(u64, Instant)>>,
+    /// The most recent shippable groups, for sync sessions (see [`crate::tail`]).
+    pub tail: Tail,
 }
 
 impl Progress {
@@ -214,6 +217,7 @@ impl Progress {
             write_errors: AtomicU64::new(0),
             write_path: watch::channel(WritePath::Writable).0,
             commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
+            tail: Tail::new(TAIL_BYTES),
         })
     }
 
@@ -791,6 +795,10 @@ impl Committer {
                 fail_committed(replies, &WriteError::SyncFailed(io_cause(&e)));
                 return self.commit_rest(group, rest);
             }
+            // Shippable now (durable under the policy): into the in-memory
+            // tail before the index is published, so sessions find it there.
+            debug_assert_eq!(self.binlog.shippable_index(), last_index);
+            self.progress.tail.push(first_index, last_index, records);
             self.progress.publish(&self.binlog);
             let txns = seq - self.next_seq;
             self.next_seq = seq;

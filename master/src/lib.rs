@@ -8,6 +8,8 @@
 //! - [`snapshot`]: full-sync snapshots (RocksDB checkpoints) served by `DbSync`.
 //! - [`pins`]: who still needs the binlog after which index.
 //! - [`retention`]: which binlog segments may be purged (size, age, pins, hard cap).
+//! - [`tail`]: the binlog's recent groups in memory, which sync sessions ship
+//!   without reading segment files.
 //! - [`node`]: opening the data directory, recovery, and [`run`], which serves
 //!   Kv, Admin, health and reflection on one port until shut down.
 
@@ -17,5 +19,6 @@ pub mod pins;
 pub mod retention;
 pub mod snapshot;
 pub mod sync;
+pub mod tail;
 
 pub use node::run;

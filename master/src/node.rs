@@ -129,6 +129,8 @@ impl InfoSource for MasterInfo {
                 transactions_committed: p.transactions.load(Ordering::Relaxed),
                 commit_groups: p.groups.load(Ordering::Relaxed),
                 write_errors: p.write_errors.load(Ordering::Relaxed),
+                batches_from_memory: self.sync.batches_from_memory.load(Ordering::Relaxed),
+                batches_from_files: self.sync.batches_from_files.load(Ordering::Relaxed),
                 ..Default::default()
             }),
             write_error: p.write_path.borrow().describe(),

@@ -8,7 +8,9 @@
 //! both: Heartbeat every sync.heartbeat_ms; no message for sync.link_timeout_ms ends it
 //! ```
 //!
-//! A session reads the binlog with its own reader, never past the index the
+//! A session ships the committer's recent groups from memory
+//! ([`crate::tail`]: the bytes it appended), and reads older events from the
+//! segment files with its own reader; never past the index the
 //! committer published as shippable (durable under the fsync policy), so a slave
 //! can never be ahead of a master that lost power. A message carrying another
 //! session's id is ignored and counted (`stale_messages`); it never touches the
@@ -82,6 +84,10 @@ pub struct SyncShared {
     pub stale_messages: AtomicU64,
     pub partial_syncs: AtomicU64,
     pub full_syncs: AtomicU64,
+    /// Binlog batches sent from the committer's in-memory tail.
+    pub batches_from_memory: AtomicU64,
+    /// Binlog batches read from the segment files (a slave behind the tail).
+    pub batches_from_files: AtomicU64,
 }
 
 impl SyncShared {
@@ -119,6 +125,8 @@ impl SyncShared {
             stale_messages: AtomicU64::new(0),
             partial_syncs: AtomicU64::new(0),
             full_syncs: AtomicU64::new(0),
+            batches_from_memory: AtomicU64::new(0),
+            batches_from_files: AtomicU64::new(0),
         })
     }
 

@@ -1,8 +1,10 @@
 //! The streaming half of a sync session, after the handshake: two halves under
 //! one `select!` with the master's shutdown, the first to end ends the session.
 //!
-//! - [`Sender`]: reads the binlog up to what the committer published as
-//!   shippable and sends `BinlogBatch`es while the window has room; sends a
+//! - [`Sender`]: sends `BinlogBatch`es up to what the committer published as
+//!   shippable while the window has room, from the in-memory tail
+//!   ([`crate::tail`]) when its next index is there, else from the segment
+//!   files (read on a blocking thread, off the async workers); sends a
 //!   heartbeat every `sync.heartbeat_ms`.
 //! - [`ReplyReader`]: reads the slave's acks (each must match the window
 //!   head, and slides it) and heartbeats, moves the session's pin with what
@@ -17,6 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tern_common::binlog::BinlogReader;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::window::{InFlight, SyncWindow};
@@ -27,6 +30,7 @@ use tonic::{Status, Streaming};
 use super::handshake::{Accepted, checked};
 use super::{Outbound, Outcome, SyncShared, Unsent, master_msg, now_ms, send_bounded};
 use crate::pins::PinGuard;
+use crate::tail::Batch;
 
 /// The window shared by the two halves of one session.
 struct Flow {
@@ -72,8 +76,8 @@ pub(super) async fn stream(
         tx,
         flow: &flow,
         session_id: accepted.session_id,
-        reader: shared.new_reader(),
-        need_seek: true,
+        reader: None,
+        reader_at: None,
         next: accepted.index + 1,
         shippable: shared.progress.shippable.clone(),
     };
@@ -107,8 +111,11 @@ struct Sender<'a> {
     tx: &'a Outbound,
     flow: &'a Flow,
     session_id: u64,
-    reader: BinlogReader,
-    need_seek: bool,
+    /// Reads the segment files when the next index is older than the tail
+    /// (made on first use; `None` too while a read has it on a blocking thread).
+    reader: Option<BinlogReader>,
+    /// Index the reader is positioned at (`None`: it must seek first).
+    reader_at: Option<u64>,
     /// Next index to send.
     next: u64,
     shippable: watch::Receiver<u64>,
@@ -119,13 +126,12 @@ impl Sender<'_> {
         let cfg = &self.shared.cfg;
         let mut heartbeat = tokio::time::interval(cfg.heartbeat());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut buf = Vec::with_capacity(cfg.batch_bytes + 4096);
         // Since when the window is full (None: it has room).
         let mut full_since: Option<Instant> = None;
         loop {
             let upto = *self.shippable.borrow_and_update();
             while self.flow.state().window.has_room() && self.next <= upto {
-                match self.send_batch(upto, &mut buf).await? {
+                match self.send_batch(upto).await? {
                     Step::Sent => {}
                     Step::Idle => break,
                     Step::End(outcome) => return Ok(outcome),
@@ -176,34 +182,40 @@ impl Sender<'_> {
         }
     }
 
-    /// Reads and sends one batch of events from `next`, at most up to `upto`.
-    async fn send_batch(&mut self, upto: u64, buf: &mut Vec<u8>) -> Result<Step, Status> {
+    /// Sends one batch of events from `next`, at most up to `upto`: from the
+    /// in-memory tail when `next` is there, else from the segment files.
+    async fn send_batch(&mut self, upto: u64) -> Result<Step, Status> {
         let cfg = &self.shared.cfg;
-        buf.clear();
-        let (next, need_seek, reader) = (self.next, self.need_seek, &mut self.reader);
-        let read = tokio::task::block_in_place(|| {
-            if need_seek {
-                reader.seek(next)?;
+        let batch = match self
+            .shared
+            .progress
+            .tail
+            .read(self.next, upto, cfg.batch_bytes)
+        {
+            Some(b) => {
+                self.shared
+                    .batches_from_memory
+                    .fetch_add(1, Ordering::Relaxed);
+                b
             }
-            reader.read_batch(upto, cfg.batch_bytes, buf)
-        });
-        self.need_seek = false;
-        let (f, l) = match read {
-            Ok(Some(r)) => r,
-            // Nothing readable yet: wait for the next shippable index.
-            Ok(None) => return Ok(Step::Idle),
-            Err(e) => {
-                return Err(Status::internal(format!(
-                    "reading the binlog at {next}: {e}"
-                )));
-            }
+            None => match self.read_files(upto).await? {
+                Some(b) => {
+                    self.shared
+                        .batches_from_files
+                        .fetch_add(1, Ordering::Relaxed);
+                    b
+                }
+                // Nothing readable yet: wait for the next shippable index.
+                None => return Ok(Step::Idle),
+            },
         };
+        let (f, l) = (batch.first, batch.last);
         {
             let mut st = self.flow.state();
             st.window.push(InFlight {
                 first_index: f,
                 last_index: l,
-                bytes: buf.len(),
+                bytes: batch.records.len(),
             });
             st.sent = l;
         }
@@ -212,7 +224,7 @@ impl Sender<'_> {
             session_id: self.session_id,
             first_index: f,
             last_index: l,
-            records: bytes::Bytes::copy_from_slice(buf),
+            records: batch.records,
         };
         let msg = master_msg(pb::master_message::Msg::Batch(batch));
         Ok(match send_bounded(self.shared, self.tx, msg).await {
@@ -221,6 +233,53 @@ impl Sender<'_> {
             Err(Unsent::Timeout) => Step::End(Outcome::LinkTimeout),
             Err(Unsent::Shutdown) => Step::End(Outcome::Shutdown),
         })
+    }
+}
+
+impl Sender<'_> {
+    /// Reads the batch from `next` from the segment files, on a blocking
+    /// thread (the reader moves there and back).
+    async fn read_files(&mut self, upto: u64) -> Result<Option<Batch>, Status> {
+        let next = self.next;
+        let max_bytes = self.shared.cfg.batch_bytes;
+        let mut reader = self
+            .reader
+            .take()
+            .unwrap_or_else(|| self.shared.new_reader());
+        let seek = self.reader_at != Some(next);
+        let (reader, read) = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(max_bytes + 4096);
+            let read = (|| {
+                if seek {
+                    reader.seek(next)?;
+                }
+                reader.read_batch(upto, max_bytes, &mut buf)
+            })();
+            (reader, read.map(|r| r.map(|(f, l)| (f, l, buf))))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the binlog at {next}: {e}")))?;
+        self.reader = Some(reader);
+        match read {
+            Ok(Some((first, last, buf))) => {
+                self.reader_at = Some(last + 1);
+                Ok(Some(Batch {
+                    first,
+                    last,
+                    records: Bytes::from(buf),
+                }))
+            }
+            Ok(None) => {
+                self.reader_at = Some(next);
+                Ok(None)
+            }
+            Err(e) => {
+                self.reader_at = None;
+                Err(Status::internal(format!(
+                    "reading the binlog at {next}: {e}"
+                )))
+            }
+        }
     }
 }
 
