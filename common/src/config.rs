@@ -189,8 +189,9 @@ impl SyncConfig {
 pub struct SlaveConfig {
     /// URL of the master's gRPC port.
     pub master: String,
-    /// Parallel apply workers (1 = apply serially).
-    pub apply_workers: usize,
+    /// Deprecated and ignored (a start-up warning): apply is sequential.
+    /// Still accepted so existing configuration files keep loading.
+    pub apply_workers: Option<usize>,
     /// Wipe and full-sync when this slave is found ahead of its master.
     pub resync_when_ahead: bool,
     /// Stable id of this slave (default: derived from the listen address).
@@ -213,7 +214,7 @@ impl Default for SlaveConfig {
     fn default() -> Self {
         SlaveConfig {
             master: "http://127.0.0.1:7400".into(),
-            apply_workers: 4,
+            apply_workers: None,
             resync_when_ahead: false,
             id: None,
             master_token: None,
@@ -486,9 +487,6 @@ impl Config {
                 self.slave.master
             ));
         }
-        if self.slave.apply_workers == 0 {
-            return bad("slave.apply_workers must be at least 1".into());
-        }
         if self.server.max_concurrent_requests == 0 || self.server.request_timeout_ms == 0 {
             return bad(
                 "server.max_concurrent_requests and server.request_timeout_ms must be > 0".into(),
@@ -585,6 +583,21 @@ mod tests {
         let c = Config::load_from_env(Role::Master, &args, &[], env(&[])).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:9001");
         assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn deprecated_apply_workers_is_still_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "[slave]\napply_workers = 4\n").unwrap();
+        let args = CommonArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = Config::load_from_env(Role::Slave, &args, &[], env(&[])).unwrap();
+        assert_eq!(c.slave.apply_workers, Some(4));
+        let c = Config::load_from_env(Role::Slave, &CommonArgs::default(), &[], env(&[])).unwrap();
+        assert_eq!(c.slave.apply_workers, None);
     }
 
     #[test]

@@ -21,9 +21,12 @@
 //! moves only at Commit boundaries that are durable under the relay log's fsync
 //! policy (`always`: fsynced with the batch; `everysec`: at the next fsync, at
 //! most about a second later, driven by a timer so an idle link advances too;
-//! `no`: when written; see [`tern_common::durability`]). The applier reads only
-//! up to `received`, so the slave's RocksDB is never ahead of its durable relay
-//! log and may be flushed at any time. Heartbeats run on their own task and
+//! `no`: when written; see [`tern_common::durability`]). The events it decoded
+//! while checking are kept, and the transactions `received` newly covers are
+//! handed to the applier (a bounded queue; dropped when full) just before
+//! `received` moves. The applier applies only up to `received`, from the
+//! hand-off or the relay log, so the slave's RocksDB is never ahead of its
+//! durable relay log and may be flushed at any time. Heartbeats run on their own task and
 //! never wait for apply (I7).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,10 +40,11 @@ use tern_common::history::{Histories, HistoryEntry};
 use tern_common::position::ReplId;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::proto::replication::v1::replication_client::ReplicationClient;
-use tern_common::record::BytesRecords;
+use tern_common::record::{BytesRecords, Event, EventKind};
 use tern_common::state::State;
 use tokio::sync::{mpsc, watch};
 
+use crate::applier::{Chunk, HandOff};
 use crate::fullsync::{self, Staged};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +99,10 @@ pub enum ReconnectReason {
     #[error("{0}")]
     Fatal(String),
 }
+
+/// Events the receiver keeps for the hand-off before it gives up on it (the
+/// applier then reads them from the relay log).
+const PENDING_EVENTS: usize = 256 * 1024;
 
 /// What the link shares with Info.
 pub struct LinkStatus {
@@ -166,6 +174,11 @@ pub struct Link {
     pub state: State,
     pub relay: Binlog,
     pub received_tx: watch::Sender<u64>,
+    /// Decoded transactions go to the applier once durable ([`crate::applier`]).
+    pub handoff: HandOff,
+    /// Events appended to the relay log but not handed off yet (not durable,
+    /// or the tail of an open transaction), from a Begin on.
+    pub pending: Vec<Event>,
     pub applied: watch::Receiver<u64>,
     pub status: Arc<LinkStatus>,
     pub shutdown: CancellationToken,
@@ -536,6 +549,8 @@ impl Link {
         });
 
         let mut parser = BoundaryParser::new(index, Some(self.state.last_seq()));
+        // The session starts at a boundary: the hand-off starts with it.
+        self.pending.clear();
         let mut last_heard = Instant::now();
         let mut check = tokio::time::interval(cfg.heartbeat());
         let durability_period = self.relay.durability().tick_interval();
@@ -585,8 +600,19 @@ impl Link {
     /// `received` = the last Commit boundary that counts as durable in the
     /// relay log under its fsync policy (I3; see [`tern_common::durability`]).
     /// Returns it.
-    fn advance_received(&self) -> u64 {
+    /// The transactions it newly covers are handed to the applier first (so
+    /// the applier, woken by the move, finds them queued).
+    fn advance_received(&mut self) -> u64 {
         let received = self.relay.received_index();
+        let n = self.pending.partition_point(|e| e.index <= received);
+        if n > 0 {
+            let events: Vec<Event> = self.pending.drain(..n).collect();
+            self.handoff.offer(Chunk {
+                first: events[0].index,
+                last: events[n - 1].index,
+                events,
+            });
+        }
         self.received_tx.send_if_modified(|r| {
             let changed = *r != received;
             *r = received;
@@ -659,6 +685,16 @@ impl Link {
             parser
                 .feed(&ev)
                 .map_err(|e| proto(format!("boundary parser: {e}")))?;
+            // Kept for the hand-off, from a Begin on (after the hand-off gave
+            // up, it resumes at the next transaction).
+            if !self.pending.is_empty() || matches!(ev.kind, EventKind::Begin { .. }) {
+                self.pending.push(ev);
+            }
+        }
+        if self.pending.len() > PENDING_EVENTS {
+            // Not made durable for a long time: the applier will read these
+            // from the relay log.
+            self.pending.clear();
         }
         if offset != b.records.len() || Some(expected) != b.last_index.checked_add(1) {
             return Err(proto(format!(
