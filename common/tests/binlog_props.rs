@@ -449,19 +449,29 @@ proptest! {
 
         let segs = segment_files(&orig);
         let (tail_first, tail_path) = segs.last().unwrap().clone();
-        let tail = fs::read(&tail_path).unwrap();
+        let file = fs::read(&tail_path).unwrap();
         let total = w.events.len() as u64;
         // Byte offset of the tail file inside `w.bytes`.
         let base = w.range(1, tail_first - 1).len();
-        prop_assert_eq!(&w.bytes[base..], &tail[..]);
-        // Cut everywhere in the last three records of the tail.
+        // The tail file is the log's bytes, then only zeros written ahead.
+        let tail = &file[..w.bytes.len() - base];
+        prop_assert_eq!(&w.bytes[base..], tail);
+        prop_assert!(file[tail.len()..].iter().all(|&b| b == 0));
+        // Copies below stay small: the variants bring back a page of zeros.
+        fs::OpenOptions::new().write(true).open(&tail_path).unwrap().set_len(tail.len() as u64).unwrap();
+        // Cut everywhere in the last three records of the tail; the bytes
+        // after the cut are gone (`zeros` false) or, as when a crash loses
+        // pages of a file written ahead, zeros up to the old length.
         let from_event = total.saturating_sub(3).max(tail_first - 1);
         let cut_from = w.range(1, from_event).len() - base;
-        for k in cut_from..=tail.len() {
-            let dir = tmp.path().join(format!("cut{k}"));
+        for (k, zeros) in (cut_from..=tail.len()).flat_map(|k| [(k, false), (k, true)]) {
+            let dir = tmp.path().join(format!("cut{k}-{zeros}"));
             copy_dir(&orig, &dir);
             let f = fs::OpenOptions::new().write(true).open(dir.join(tail_path.file_name().unwrap())).unwrap();
             f.set_len(k as u64).unwrap();
+            if zeros {
+                f.set_len(tail.len() as u64 + 4096).unwrap();
+            }
             drop(f);
             // The last complete transaction that ends at or before the cut.
             let kept = (0..=total)
@@ -490,7 +500,8 @@ proptest! {
         let (tail_first, tail_path) = segment_files(&dir).last().unwrap().clone();
         let mut tail = fs::read(&tail_path).unwrap();
         let base = w.range(1, tail_first - 1).len();
-        let pos = at.index(tail.len());
+        // Damage the records, not the zeros written ahead of them.
+        let pos = at.index(w.bytes.len() - base);
         tail[pos] ^= flip;
         fs::write(&tail_path, &tail).unwrap();
         // The damaged record and everything after it go, and so does the

@@ -78,6 +78,16 @@ impl Drop for TestDir {
     }
 }
 
+/// How many bytes at the start of a segment file are whole records, and
+/// whether everything after them is zeros (a binlog keeps zeros written ahead
+/// of its tail; anything else there is damage).
+pub fn segment_records_len(bytes: &[u8]) -> (usize, bool) {
+    let mut it = tern_common::record::Records::new(bytes);
+    while let Some(Ok(_)) = it.next() {}
+    let end = it.offset();
+    (end, bytes[end..].iter().all(|&b| b == 0))
+}
+
 /// The binlog (or relay log) segment files of a node's data directory
 /// (`<data_dir>/binlog/{first_index:020}.binlog`), sorted by first index.
 pub fn binlog_segments(data_dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {

@@ -15,8 +15,10 @@ fn relay_records(data_dir: &std::path::Path) -> Vec<(std::path::PathBuf, usize, 
     let mut out = Vec::new();
     for (_, seg) in tern_integration::binlog_segments(data_dir).unwrap() {
         let bytes = std::fs::read(&seg).unwrap();
+        let (len, zeros) = tern_integration::segment_records_len(&bytes);
+        assert!(zeros, "{}: damaged after {len} bytes", seg.display());
         let mut off = 0;
-        for r in tern_common::record::Records::new(&bytes) {
+        for r in tern_common::record::Records::new(&bytes[..len]) {
             let (ev, raw) = r.unwrap();
             out.push((seg.clone(), off, ev.index));
             off += raw.len();

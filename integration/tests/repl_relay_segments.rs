@@ -30,8 +30,10 @@ fn segments(node: &Node) -> Vec<(String, u64)> {
         .filter_map(|e| {
             let e = e.ok()?;
             let name = e.file_name().into_string().ok()?;
-            name.ends_with(".binlog")
-                .then(|| (name, e.metadata().map(|m| m.len()).unwrap_or(0)))
+            // Record bytes, not the zeros written ahead of the tail.
+            let bytes = std::fs::read(e.path()).ok()?;
+            let (len, _) = tern_integration::segment_records_len(&bytes);
+            name.ends_with(".binlog").then_some((name, len as u64))
         })
         .collect();
     v.sort();

@@ -229,6 +229,8 @@ pub fn segment_extent(first: u64, bytes: &[u8]) -> u64 {
                 damaged_at_end = false;
                 offset += n;
             }
+            // Zeros to the end: written ahead of the tail, not a record.
+            Err(_) if rest.iter().all(|&b| b == 0) => break,
             Err(_) => {
                 damaged_at_end = true;
                 match header_frame_len(rest) {
@@ -412,6 +414,8 @@ mod tests {
         }
         assert_eq!(relay_extent(&relay).unwrap(), c2);
         let seg = relay.join(format!("{:020}.binlog", 1));
+        // The file goes on with zeros written ahead: they are not damage.
+        assert!(std::fs::metadata(&seg).unwrap().len() > bytes.len() as u64);
         // A damaged record before the last one is stepped over.
         let mut mid = bytes.clone();
         let second = header_frame_len(&bytes).unwrap();

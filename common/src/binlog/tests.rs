@@ -39,6 +39,16 @@ fn frames_len(recs: &[u8], n: usize) -> usize {
     Frames::new(recs).take(n).map(|f| f.unwrap().len()).sum()
 }
 
+/// The records of a segment file, without the zeros written ahead of a tail.
+fn log_bytes(path: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).unwrap();
+    let mut it = Records::new(&bytes);
+    while let Some(Ok(_)) = it.next() {}
+    let end = it.offset();
+    bytes.truncate(end);
+    bytes
+}
+
 fn opts(segment_bytes: u64) -> BinlogOptions {
     BinlogOptions {
         segment_bytes,
@@ -263,7 +273,7 @@ fn segments_roll_only_at_boundaries() {
     assert_eq!(log.durable_index(), log.last_index());
     assert_eq!(files.len(), log.segment_count());
     for name in &files {
-        let bytes = fs::read(tmp.path().join(name)).unwrap();
+        let bytes = log_bytes(&tmp.path().join(name));
         let first: u64 = name[..20].parse().unwrap();
         let evs: Vec<Event> = Records::new(&bytes).map(|r| r.unwrap().0).collect();
         assert_eq!(evs[0].index, first, "{name}");
@@ -324,7 +334,7 @@ fn segments_roll_when_every_append_ends_mid_transaction() {
     let files = segment_files(tmp.path());
     assert!(files.len() > 5, "{files:?}");
     for name in &files {
-        let bytes = fs::read(tmp.path().join(name)).unwrap();
+        let bytes = log_bytes(&tmp.path().join(name));
         let evs: Vec<Event> = Records::new(&bytes).map(|r| r.unwrap().0).collect();
         assert!(matches!(evs[0].kind, EventKind::Begin { .. }), "{name}");
         assert!(bytes.len() < 4096 + 2 * txn_len, "{name}: {}", bytes.len());
@@ -444,7 +454,7 @@ fn recovery_refuses_a_broken_structure() {
     drop(log);
     // A well-framed Begin inside a transaction.
     let path = tmp.path().join(segment_name(1));
-    let mut bytes = fs::read(&path).unwrap();
+    let mut bytes = log_bytes(&path);
     encode_record(&Event::begin(7, 3, 0), &mut bytes);
     encode_record(&Event::begin(8, 3, 0), &mut bytes);
     fs::write(&path, &bytes).unwrap();
@@ -904,7 +914,8 @@ fn split_append_failing_midway_undoes_its_first_part() {
     assert!(log.total_bytes() >= 200 && !log.at_boundary());
     let view = writer_view(&log);
     let tail_file = dir.join(segment_name(1));
-    let tail_len = fs::metadata(&tail_file).unwrap().len();
+    // A failed append cuts the zeros written ahead too.
+    let tail_len = log_bytes(&tail_file).len() as u64;
     assert_eq!(view.5, 3, "last boundary: the first transaction's Commit");
 
     // The rest of t2 (its Commit) and a whole t3: `append` closes the full
@@ -992,4 +1003,55 @@ fn received_and_shippable_follow_the_policy() {
         assert_eq!((log.last_boundary(), log.durable_boundary()), (99, 99));
         assert_eq!(log.received_index(), 99);
     }
+}
+
+#[test]
+fn zeros_written_ahead_are_kept_at_open_and_cut_at_a_roll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg_bytes = 3 * PREALLOC_AHEAD;
+    let (mut log, _) = Binlog::open(tmp.path(), opts(seg_bytes)).unwrap();
+    let all = fill(&mut log, 3, 2, 100);
+    log.sync().unwrap();
+    let path = tmp.path().join(segment_name(1));
+    let file_len = fs::metadata(&path).unwrap().len();
+    assert!(
+        file_len >= all.len() as u64 + PREALLOC_AHEAD,
+        "{file_len} bytes on disk for {} of records",
+        all.len()
+    );
+    assert_eq!(log_bytes(&path), all);
+    drop(log);
+    // Reopen: nothing cut, nothing reported, the zeros stay.
+    let (mut log, report) = Binlog::open(tmp.path(), opts(seg_bytes)).unwrap();
+    assert_eq!((report.truncated_bytes, report.truncated_events), (0, 0));
+    assert_eq!(fs::metadata(&path).unwrap().len(), file_len);
+    assert_eq!(read_all(&log, 1), all);
+    // Fill past a segment: every sealed segment is exactly its records.
+    let mut all = all;
+    while log.segment_count() < 3 {
+        all.extend(fill(&mut log, 50, 4, 4000));
+    }
+    log.sync().unwrap();
+    let files = segment_files(tmp.path());
+    for name in &files[..files.len() - 1] {
+        let p = tmp.path().join(name);
+        assert_eq!(
+            fs::metadata(&p).unwrap().len(),
+            log_bytes(&p).len() as u64,
+            "sealed {name} ends at its last record"
+        );
+    }
+    assert_eq!(read_all(&log, 1), all);
+    drop(log);
+    // Garbage after the zeros is damage: cut back to the last record.
+    let tail = tmp.path().join(files.last().unwrap());
+    let records = log_bytes(&tail);
+    let f = fs::OpenOptions::new().write(true).open(&tail).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.write_all_at(b"junk", len - 4).unwrap();
+    drop(f);
+    let (log, report) = Binlog::open(tmp.path(), opts(seg_bytes)).unwrap();
+    assert_eq!(report.truncated_bytes, len - records.len() as u64);
+    assert_eq!(fs::read(&tail).unwrap(), records);
+    assert_eq!(read_all(&log, 1), all);
 }
