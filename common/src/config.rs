@@ -163,7 +163,7 @@ impl Default for SyncConfig {
             heartbeat_ms: 1000,
             link_timeout_ms: 20_000,
             window_batches: 64,
-            window_bytes: 64 << 20,
+            window_bytes: 8 << 20,
             batch_bytes: 1 << 20,
             snapshot_idle_ms: 60_000,
             max_sessions: 32,
