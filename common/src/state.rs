@@ -101,7 +101,11 @@ fn db_options() -> Options {
     opts.set_atomic_flush(true);
     opts.increase_parallelism(2);
     opts.set_max_background_jobs(2);
-    opts.set_write_buffer_size(64 << 20);
+    // Every write path inserts into the memtable on its one thread (the
+    // master's committer, the slave's applier): a 64 MiB skip list of random
+    // keys made that insert (cache misses per level) 64% of the committer's
+    // time at 16 writes per request; 16 MiB: +23-30% Puts/s there.
+    opts.set_write_buffer_size(16 << 20);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts
 }

@@ -716,7 +716,7 @@ fn run_raw(a: &RawArgs) -> anyhow::Result<Summary> {
     opts.create_if_missing(true);
     opts.increase_parallelism(2);
     opts.set_max_background_jobs(2);
-    opts.set_write_buffer_size(64 << 20);
+    opts.set_write_buffer_size(16 << 20);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     let db = rocksdb::DB::open(&opts, &a.dir)
         .with_context(|| format!("opening RocksDB in {}", a.dir.display()))?;
