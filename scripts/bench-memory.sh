@@ -6,12 +6,14 @@
 #              RocksDB checkpoint, then streams the binlog) and wait until all
 #              are synced;
 #   3. stream: a Put load on the master for DURATION while every slave streams;
+#   4. stall:  every slave frozen (SIGSTOP) while the master writes STALL of
+#              16 KiB values, then resumed (slaves that stop reading);
 # then stop the load, wait until every slave has caught up and compare every
 # slave's Admin.Checksum digest with the master's.
 # The master's VmRSS and VmHWM (and the slaves' VmRSS) are sampled from
 # /proc/PID/status every 200 ms across all phases.
 # Usage: scripts/bench-memory.sh
-#   (env: SIZE_MB=1024 SLAVES=10 DURATION=20s CONCURRENCY=50 VALUE_SIZE=1024
+#   (env: SIZE_MB=1024 SLAVES=10 DURATION=20s STALL=10s CONCURRENCY=50 VALUE_SIZE=1024
 #         BIN=<dir with tern-master, tern-slave, tern-bench> (default: build them)
 #         KEEP=1 keeps the work dir, MASTER_WRAP="valgrind --tool=massif ..."
 #         runs the master under a wrapper that execs it in the same process)
@@ -21,6 +23,7 @@ source "$ROOT/scripts/env.sh"
 SIZE_MB="${SIZE_MB:-1024}"
 SLAVES="${SLAVES:-10}"
 DURATION="${DURATION:-20s}"
+STALL="${STALL:-10s}"
 CONCURRENCY="${CONCURRENCY:-50}"
 VALUE_SIZE="${VALUE_SIZE:-1024}"
 MASTER_WRAP="${MASTER_WRAP:-}"
@@ -123,6 +126,15 @@ LOAD=$!
 wait "$LOAD"
 LOAD=""
 echo "load: $(cat "$WORK/load.json")" >&2
+# Slaves that stop reading: every slave frozen (SIGSTOP) while the master
+# writes STALL of 16 KiB values, then resumed; what the master holds for
+# them is bounded by sync.window_bytes per slave.
+echo stall >"$WORK/phase"
+echo "stall: $SLAVES slaves frozen while the master writes 16 KiB values for $STALL, then resumed..." >&2
+for p in "${SLAVE_PIDS[@]}"; do kill -STOP "$p"; done
+"$BIN/tern-bench" kv --target "http://127.0.0.1:$MP" --concurrency "$CONCURRENCY" \
+    --duration "$STALL" --value-size 16384 --mix put=100 >&2
+for p in "${SLAVE_PIDS[@]}"; do kill -CONT "$p"; done
 echo verify >"$WORK/phase"
 echo "verify: waiting until every slave has caught up, then comparing Admin.Checksum digests..." >&2
 for i in $(seq 1 "$SLAVES"); do
