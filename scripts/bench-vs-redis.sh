@@ -22,7 +22,7 @@
 #      Redis (master ack -> replica/slave read sees the write).
 #
 # Usage: scripts/bench-vs-redis.sh
-#   env: DURATION=10s (per run) ROUNDS=2 CONNECTIONS=8 TERN_KV_FLAGS="--pipeline 1"
+#   env: DURATION=10s (per run) ROUNDS=2 CONNECTIONS=8 CLIENT_THREADS=1 TERN_KV_FLAGS="--pipeline 1"
 # Progress goes to stderr; markdown tables (one per round, then the summary) to
 # stdout. Takes about 28 x DURATION plus set-up (~6 minutes at 10s).
 set -euo pipefail
@@ -73,6 +73,13 @@ else
     TERN_KV_FLAGS="${TERN_KV_FLAGS-}"
 fi
 read -r -a KV_FLAGS <<<"$TERN_KV_FLAGS"
+# Client threads of tern-bench kv: 1 (all clients on one thread, as
+# redis-benchmark runs its clients on one event loop) when it has --threads.
+CLIENT_THREADS="${CLIENT_THREADS:-1}"
+THREAD_FLAGS=()
+if "$BIN/tern-bench" kv --help | grep -q -- --threads; then
+    THREAD_FLAGS=(--threads "$CLIENT_THREADS")
+fi
 if [[ -n "$TERN_KV_FLAGS" ]]; then TERN_MODE="tern-bench kv $TERN_KV_FLAGS"; else TERN_MODE="unary Kv.Put calls"; fi
 [[ $HAS_PIPELINE -eq 1 ]] || TERN_MODE="$TERN_MODE (this tern-bench has no --pipeline)"
 say "tern mode: $TERN_MODE"
@@ -168,7 +175,7 @@ tern_bench() {
     local out
     say "  tern-bench kv $*"
     out="$("$BIN/tern-bench" kv --target "$TM_URL" --duration "$DURATION" \
-        --value-size "$VALUE_SIZE" --keys "$KEYS" --json "$@")"
+        --value-size "$VALUE_SIZE" --keys "$KEYS" --json "${THREAD_FLAGS[@]}" "$@")"
     if ! grep -q '"errors":{}' <<<"$out"; then say "  tern-bench kv reported errors: $out"; fi
     printf '%s %s %s\n' "$(jfield "$out" ops_per_sec)" "$(jfield "$out" p50_us)" \
         "$(jfield "$out" puts_per_sec)"
@@ -321,7 +328,7 @@ echo "- DURATION=$DURATION per run, $ROUNDS rounds; values $VALUE_SIZE B, keys f
 echo "- Redis: appendonly yes, appendfsync always, one replica (also appendfsync always);"
 echo "  redis-benchmark uses one TCP connection per client (50 clients = 50 connections)"
 echo "- tern: binlog fsync=always, one slave; tern-bench kv: $CLIENTS clients over $CONNECTIONS"
-echo "  gRPC connections (row b: 1 over 1); mode: $TERN_MODE"
+echo "  gRPC connections (row b: 1 over 1); mode: $TERN_MODE; client threads: ${THREAD_FLAGS[1]:-tokio default}"
 echo "- lag: tern-bench repl (Get with min_index on the slave, answered when applied) vs"
 echo "  redis-lag (GET polled on the replica until it returns the value; back to back for"
 echo "  1 ms, then 100 us apart); both $CLIENTS writer clients, one write in 10 sampled"

@@ -145,6 +145,11 @@ struct KvArgs {
     /// -P N); writes only (put, incr, append, txn).
     #[arg(long, default_value_t = 0)]
     pipeline: usize,
+    /// Client threads: 0 = one per core (tokio's default); 1 = every client
+    /// on one thread (no hand-offs between threads, like redis-benchmark's
+    /// single event loop).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -347,7 +352,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Kv(a) => {
-            let rt = tokio::runtime::Runtime::new()?;
+            let rt = match a.threads {
+                0 => tokio::runtime::Runtime::new()?,
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build()?,
+            };
             let json = a.json;
             let s = rt.block_on(run_kv(a))?;
             s.print(json);
