@@ -71,26 +71,54 @@ pub struct KeyspaceChecksum {
 }
 
 /// A group of mutations applied atomically together with the applied index.
+///
+/// [`State::apply`] writes each key's last mutation only (what the state
+/// holds once the whole group is applied; reads only see whole groups), in
+/// key order: sorted inserts let the memtable's skip list start from the
+/// previous key's position instead of searching from the top, and random
+/// ones made that search 64 % of the master committer's time (38 % after
+/// the memtable went to 16 MiB; 24 % sorted).
 #[derive(Default)]
 pub struct GroupBatch {
-    batch: WriteBatch,
+    /// In order; `None` is a delete.
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl GroupBatch {
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.put(key, value);
+        self.writes.push((key.to_vec(), Some(value.to_vec())));
     }
 
     pub fn delete(&mut self, key: &[u8]) {
-        self.batch.delete(key);
+        self.writes.push((key.to_vec(), None));
     }
 
+    /// Mutations added (a key written twice counts twice).
     pub fn len(&self) -> usize {
-        self.batch.len()
+        self.writes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.writes.is_empty()
+    }
+
+    /// The RocksDB batch: each key's last mutation, in key order.
+    fn into_write_batch(self) -> WriteBatch {
+        let mut writes = self.writes;
+        // Stable: a key's mutations keep their order, the last one wins.
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut batch = WriteBatch::default();
+        let mut it = writes.into_iter().peekable();
+        while let Some((key, value)) = it.next() {
+            if it.peek().is_some_and(|(next, _)| *next == key) {
+                continue;
+            }
+            match value {
+                Some(v) => batch.put(&key, &v),
+                None => batch.delete(&key),
+            }
+        }
+        batch
     }
 }
 
@@ -305,7 +333,7 @@ impl State {
 
     /// Applies one group atomically with the new applied index and last seq.
     pub fn apply(&self, group: GroupBatch, applied: u64, last_seq: u64) -> Result<(), StateError> {
-        let mut batch = group.batch;
+        let mut batch = group.into_write_batch();
         let meta = self.meta();
         batch.put_cf(meta, KEY_APPLIED, applied.to_be_bytes());
         batch.put_cf(meta, KEY_LAST_SEQ, last_seq.to_be_bytes());
@@ -434,6 +462,33 @@ mod tests {
             g.delete(k);
         }
         g
+    }
+
+    #[test]
+    fn a_group_applies_each_keys_last_mutation_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.apply(group(&[(b"d", b"old"), (b"e", b"old")], &[]), 2, 1)
+            .unwrap();
+        let mut g = GroupBatch::default();
+        g.put(b"z", b"1");
+        g.put(b"a", b"1");
+        g.delete(b"d");
+        g.put(b"a", b"2");
+        g.put(b"d", b"back");
+        g.delete(b"z");
+        g.put(b"m", b"x");
+        g.delete(b"e");
+        g.put(b"a", b"3");
+        assert_eq!(g.len(), 9);
+        s.apply(g, 11, 2).unwrap();
+        let (items, index, _) = s.scan(b"", b"", 10, usize::MAX).unwrap();
+        let items: Vec<(&[u8], &[u8])> = items.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        assert_eq!(index, 11);
+        assert_eq!(
+            items,
+            vec![(&b"a"[..], &b"3"[..]), (b"d", b"back"), (b"m", b"x")]
+        );
     }
 
     #[test]
