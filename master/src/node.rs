@@ -98,13 +98,22 @@ struct MasterInfo {
 impl InfoSource for MasterInfo {
     fn info(&self) -> admin::InfoResponse {
         let p = &self.progress;
+        // Each watch is read once, into a local: a `borrow()` guard lives to
+        // the end of the expression it is in, and a second `borrow()` of the
+        // same watch in that expression waits behind a writer (the committer)
+        // that waits for the first: a deadlock that stops the write path.
+        let applied_index = *p.applied.borrow();
+        let (write_error, writable) = {
+            let path = p.write_path.borrow();
+            (path.describe(), path.is_writable())
+        };
         admin::InfoResponse {
             role: "master".into(),
             repl_id: self.histories.current.to_string(),
             histories: self.histories.admin_list(),
             first_index: p.first_index.load(Ordering::Acquire),
             last_index: p.last_index.load(Ordering::Acquire),
-            applied_index: *p.applied.borrow(),
+            applied_index,
             durable_index: p.durable.load(Ordering::Acquire),
             replayed_on_start: self.replayed_on_start,
             last_seq: p.last_seq.load(Ordering::Acquire),
@@ -133,8 +142,8 @@ impl InfoSource for MasterInfo {
                 batches_from_files: self.sync.batches_from_files.load(Ordering::Relaxed),
                 ..Default::default()
             }),
-            write_error: p.write_path.borrow().describe(),
-            writable: p.write_path.borrow().is_writable(),
+            write_error,
+            writable,
             ..Default::default()
         }
     }

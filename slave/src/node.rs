@@ -49,12 +49,17 @@ impl InfoSource for SlaveInfo {
     fn info(&self) -> admin::InfoResponse {
         let s = &self.status;
         let link = s.snapshot();
+        // Each watch read once, into a local: two `borrow()`s of one watch in
+        // one expression deadlock with a writer (the applier) waiting between
+        // them.
+        let applied = *self.applied.borrow();
+        let received = *self.received.borrow();
         admin::InfoResponse {
             role: "slave".into(),
             repl_id: link.repl_id.map(|r| r.to_string()).unwrap_or_default(),
             first_index: s.relay_first.load(Ordering::Acquire),
             last_index: s.relay_last.load(Ordering::Acquire),
-            applied_index: *self.applied.borrow(),
+            applied_index: applied,
             durable_index: s.relay_durable.load(Ordering::Acquire),
             replayed_on_start: self.replayed_on_start,
             last_seq: self.state.last_seq(),
@@ -62,10 +67,7 @@ impl InfoSource for SlaveInfo {
             binlog_bytes: s.relay_bytes.load(Ordering::Acquire),
             version: env!("CARGO_PKG_VERSION").into(),
             read_floor: self.read_floor.index,
-            reads_blocked: self
-                .read_floor
-                .blocked(*self.applied.borrow())
-                .unwrap_or_default(),
+            reads_blocked: self.read_floor.blocked(applied).unwrap_or_default(),
             histories: match self.state.histories() {
                 Ok(h) => h.map(|h| h.admin_list()).unwrap_or_default(),
                 Err(e) => {
@@ -77,7 +79,7 @@ impl InfoSource for SlaveInfo {
                 state: link.state.as_str().into(),
                 master: self.master.clone(),
                 session_id: link.session_id,
-                received_index: *self.received.borrow(),
+                received_index: received,
                 last_error: link.last_error,
             }),
             full_sync: (link.state == crate::link::LinkState::WaitDbSync).then(|| {
