@@ -520,9 +520,7 @@ async fn kv_task(
 ) -> KvTaskResult {
     let mut rng = StdRng::from_os_rng();
     let mut r = KvTaskResult::new();
-    let key = |rng: &mut StdRng, prefix: &str| {
-        Bytes::from(format!("{prefix}{:012}", rng.random_range(0..a.keys)))
-    };
+    let key = |rng: &mut StdRng, prefix: &str| random_key(rng, a.keys, prefix);
     while !stop.load(Ordering::Relaxed) {
         let kind = a.mix.pick(&mut rng);
         let t0 = Instant::now();
@@ -602,11 +600,15 @@ async fn kv_task(
     r
 }
 
+/// A key drawn uniformly from `keys`, after `prefix` ("k" for Put/Get,
+/// "c" for counters, "a" for append logs).
+fn random_key(rng: &mut StdRng, keys: u64, prefix: &str) -> Bytes {
+    Bytes::from(format!("{prefix}{:012}", rng.random_range(0..keys)))
+}
+
 /// One write of the mix as the ops of a transaction, and how many Puts it holds.
 fn write_ops(kind: OpKind, a: &KvArgs, rng: &mut StdRng, value: &Bytes) -> (Vec<kv::Op>, u64) {
-    let key = |rng: &mut StdRng, prefix: &str| {
-        Bytes::from(format!("{prefix}{:012}", rng.random_range(0..a.keys)))
-    };
+    let key = |rng: &mut StdRng, prefix: &str| random_key(rng, a.keys, prefix);
     let put = |rng: &mut StdRng| {
         kv::op::Op::Put(kv::PutRequest {
             key: key(rng, "k"),
