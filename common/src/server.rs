@@ -59,9 +59,36 @@ pub trait InfoSource: Send + Sync + 'static {
     fn info(&self) -> pb::InfoResponse;
 }
 
+/// The Admin calls that act on a node: `Wait` (a master) and `SetMaster` (a
+/// slave). A node answers FAILED_PRECONDITION for the one its role does not
+/// have.
+#[tonic::async_trait]
+pub trait AdminControl: Send + Sync + 'static {
+    async fn wait(&self, _req: pb::WaitRequest) -> Result<pb::WaitResponse, Status> {
+        Err(Status::failed_precondition(
+            "Wait: this node is a slave; wait on the master",
+        ))
+    }
+
+    async fn set_master(
+        &self,
+        _req: pb::SetMasterRequest,
+    ) -> Result<pb::SetMasterResponse, Status> {
+        Err(Status::failed_precondition(
+            "SetMaster: this node is a master; stop it and start tern-slave on its data directory to make it a slave",
+        ))
+    }
+}
+
+/// A node without Wait and SetMaster.
+struct NoControl;
+
+impl AdminControl for NoControl {}
+
 pub struct AdminService {
     state: State,
     info: Arc<dyn InfoSource>,
+    control: Arc<dyn AdminControl>,
     connections: Option<Arc<ConnectionStats>>,
     auth: Option<auth::Auth>,
 }
@@ -71,6 +98,7 @@ impl AdminService {
         AdminService {
             state,
             info,
+            control: Arc::new(NoControl),
             connections: None,
             auth: None,
         }
@@ -79,6 +107,12 @@ impl AdminService {
     /// `Info.counters.auth_failures` is read from `auth` (that of the server it runs in).
     pub fn with_auth(mut self, auth: auth::Auth) -> AdminService {
         self.auth = Some(auth);
+        self
+    }
+
+    /// `Wait` and `SetMaster` go to `control`.
+    pub fn with_control(mut self, control: Arc<dyn AdminControl>) -> AdminService {
+        self.control = control;
         self
     }
 
@@ -127,6 +161,23 @@ impl pb::admin_server::Admin for AdminService {
             digest: c.digest,
             keys: c.keys,
         }))
+    }
+
+    async fn wait(
+        &self,
+        req: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::WaitResponse>, Status> {
+        self.control.wait(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn set_master(
+        &self,
+        req: Request<pb::SetMasterRequest>,
+    ) -> Result<Response<pb::SetMasterResponse>, Status> {
+        self.control
+            .set_master(req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
