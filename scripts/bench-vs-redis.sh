@@ -19,13 +19,25 @@
 #      and with/without replica;
 #   e. replication lag at half of that system's row-a rate, and with the master
 #      saturated (rate = 10 x row a): tern-bench repl for tern, redis-lag for
-#      Redis (master ack -> replica/slave read sees the write).
+#      Redis (master ack -> replica/slave read sees the write);
+#   f. 1 client, write + wait for 1 replica (semi-synchronous): Redis SET then
+#      WAIT 1 0 per write (redis-lag --wait-replicas 1); tern Put with
+#      min_replicas=1 (tern-bench kv --min-replicas 1, with TERN_KV_FLAGS as
+#      row b); p50 and p99.
 #
 # Usage: scripts/bench-vs-redis.sh
 #   env: DURATION=10s (per run) ROUNDS=2 CONNECTIONS=8 CLIENT_THREADS=1 TERN_KV_FLAGS="--pipeline 1"
+#        ROWS=a,b,c,d,e,f (rows to run; e needs a and runs it too)
+#        TERN_BIN_DIR=DIR (use the tern-* and redis-lag binaries in DIR, copied
+#        aside, instead of building: a build in the shared target directory
+#        cannot change them mid-run)
 # Progress goes to stderr; markdown tables (one per round, then the summary) to
-# stdout. Takes about 28 x DURATION plus set-up (~6 minutes at 10s).
+# stdout. Takes about 30 x DURATION plus set-up (~6 minutes at 10s).
 set -euo pipefail
+# Rows asked for (read before ROWS is reused for the table below).
+SELECT=",${ROWS:-a,b,c,d,e,f},"
+[[ $SELECT != *,e,* ]] || SELECT="$SELECT,a,"
+want() { [[ $SELECT == *",$1,"* ]]; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
@@ -57,9 +69,14 @@ if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/nu
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server redis-tools >&2
 fi
 
-say "building (cargo build --bins)..."
-(cd "$ROOT" && cargo build --bins --quiet)
-BIN="$CARGO_TARGET_DIR/debug"
+if [[ -n "${TERN_BIN_DIR:-}" ]]; then
+    BIN="$TERN_BIN_DIR"
+    say "binaries from $BIN (not built)"
+else
+    say "building (cargo build --bins)..."
+    (cd "$ROOT" && cargo build --bins --quiet)
+    BIN="$CARGO_TARGET_DIR/debug"
+fi
 for b in tern-master tern-slave tern-bench redis-lag; do
     [[ -x "$BIN/$b" ]] || { echo "missing $BIN/$b" >&2; exit 1; }
 done
@@ -170,15 +187,16 @@ redis_bench_n() { # CLIENTS PIPELINE REQUESTS
             END { exit !found }'
 }
 
-# tern_bench ARGS...: tern-bench kv on the master; prints "ops_per_sec p50_us puts_per_sec".
+# tern_bench ARGS...: tern-bench kv on the master; prints
+# "ops_per_sec p50_us puts_per_sec p99_us".
 tern_bench() {
     local out
     say "  tern-bench kv $*"
     out="$("$BIN/tern-bench" kv --target "$TM_URL" --duration "$DURATION" \
         --value-size "$VALUE_SIZE" --keys "$KEYS" --json "${THREAD_FLAGS[@]}" "$@")"
     if ! grep -q '"errors":{}' <<<"$out"; then say "  tern-bench kv reported errors: $out"; fi
-    printf '%s %s %s\n' "$(jfield "$out" ops_per_sec)" "$(jfield "$out" p50_us)" \
-        "$(jfield "$out" puts_per_sec)"
+    printf '%s %s %s %s\n' "$(jfield "$out" ops_per_sec)" "$(jfield "$out" p50_us)" \
+        "$(jfield "$out" puts_per_sec)" "$(jfield "$out" p99_us)"
 }
 jfield() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
@@ -229,7 +247,7 @@ row_a() {
     r=($(one_write_each "$1"))
     put "$1" a_ops "${r[0]}"
     put "$1" a_p50 "${r[1]}"
-    put "$1" with_without "$(awk -v a="${r[0]}" -v b="${V[$1:$ROUND:alone]}" \
+    put "$1" with_without "$(awk -v a="${r[0]}" -v b="${V[$1:$ROUND:alone]:-}" \
         'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
 }
 row_b() {
@@ -271,20 +289,41 @@ lag_row() { # lag_row SYSTEM NAME FACTOR
 }
 row_half() { lag_row "$1" half 0.5; }
 row_sat() { lag_row "$1" sat 10; }
+# f: one client, each write answered once one replica/slave holds it.
+row_f() {
+    local r out
+    if [[ $1 == R ]]; then
+        say "  redis-lag --wait-replicas 1 --concurrency 1"
+        out="$("$BIN/redis-lag" --master "127.0.0.1:$RM_PORT" --wait-replicas 1 \
+            --wait-timeout-ms 0 --concurrency 1 --duration "$DURATION" \
+            --value-size "$VALUE_SIZE" --keys "$KEYS" --json)"
+        if ! grep -q '"errors":0,"short":0' <<<"$out"; then say "  redis-lag reported errors: $out"; fi
+        r=("$(jfield "$out" ops_per_sec)" "$(jfield "$out" p50_us)" "" "$(jfield "$out" p99_us)")
+    else
+        r=($(tern_bench --concurrency 1 --connections 1 --mix put=100 --min-replicas 1 \
+            --replica-timeout-ms 10000 "${KV_FLAGS[@]}"))
+    fi
+    put "$1" f_ops "${r[0]}"
+    put "$1" f_p50 "${r[1]}"
+    put "$1" f_p99 "${r[3]}"
+}
 
 # Table rows: KEY|LABEL|UNIT (the ratio is tern/Redis of the two values).
-ROWS=(
+ROWS=()
+want a && ROWS+=(
     "a_ops|a. $CLIENTS clients, 1 write/request: writes/s|/s"
     "a_p50|a. $CLIENTS clients, 1 write/request: p50 us (lower is better)|us"
+)
+want b && ROWS+=(
     "b_ops|b. 1 client, 1 write/request: writes/s|/s"
     "b_p50|b. 1 client, 1 write/request: p50 us (lower is better)|us"
-    "c_txn|c. $CLIENTS clients, 16 writes/request: writes/s (Redis -P 16; tern Txn of 16)|/s"
 )
-[[ $HAS_PIPELINE -eq 0 ]] ||
+want c && ROWS+=("c_txn|c. $CLIENTS clients, 16 writes/request: writes/s (Redis -P 16; tern Txn of 16)|/s")
+want c && [[ $HAS_PIPELINE -eq 1 ]] &&
     ROWS+=("c_pipe|c. $CLIENTS clients, 16 writes/request: writes/s (Redis -P 16; tern --pipeline 16)|/s")
-ROWS+=(
-    "alone|d. master alone ($CLIENTS clients, 1 write/request): writes/s|/s"
-    "with_without|d. with replica / alone (row a / row d)|x"
+want d && ROWS+=("alone|d. master alone ($CLIENTS clients, 1 write/request): writes/s|/s")
+want d && want a && ROWS+=("with_without|d. with replica / alone (row a / row d)|x")
+want e && ROWS+=(
     "half_target|e. lag at half rate: target writes/s (half of row a)|/s"
     "half_rate|e. lag at half rate: achieved writes/s|/s"
     "half_p50|e. lag at half rate: p50 us|us"
@@ -296,6 +335,11 @@ ROWS+=(
     "sat_p99|e. lag, master saturated: p99 us|us"
     "sat_max|e. lag, master saturated: max us|us"
     "sat_err|e. lag, master saturated: errors+timeouts|n"
+)
+want f && ROWS+=(
+    "f_ops|f. 1 client, write + wait for 1 replica: writes/s (Redis SET + WAIT 1 0; tern min_replicas=1)|/s"
+    "f_p50|f. 1 client, write + wait for 1 replica: p50 us (lower is better)|us"
+    "f_p99|f. 1 client, write + wait for 1 replica: p99 us (lower is better)|us"
 )
 ratio() { awk -v t="$1" -v r="$2" 'BEGIN { if (r > 0 && t != "") printf "%.2f", t / r; else print "n/a" }'; }
 median() { # values... (n/a and empty skipped)
@@ -332,20 +376,27 @@ echo "  gRPC connections (row b: 1 over 1); mode: $TERN_MODE; client threads: ${
 echo "- lag: tern-bench repl (Get with min_index on the slave, answered when applied) vs"
 echo "  redis-lag (GET polled on the replica until it returns the value; back to back for"
 echo "  1 ms, then 100 us apart); both $CLIENTS writer clients, one write in 10 sampled"
+echo "- semi-sync (row f): redis-lag --wait-replicas 1 (SET then WAIT 1 0 on one connection) vs"
+echo "  tern-bench kv --concurrency 1 --min-replicas 1 (mode as row b)"
+echo "- rows: ${SELECT//,/ }"
 
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     say "round $ROUND of $ROUNDS: masters alone"
     redis_start master "$RM_PORT"; RM_PID=$LAST_PID
     tern_start master "$TM_PORT"; TM_PID=$LAST_PID
-    run_both row_alone
+    want d && run_both row_alone
     say "round $ROUND: starting the replica and the slave"
     redis_start replica "$RR_PORT" --replicaof 127.0.0.1 "$RM_PORT"; RR_PID=$LAST_PID
     until_ok 120 "redis replica link" replica_linked "$RR_PORT"
     tern_start slave "$TS_PORT" --master "$TM_URL"; TS_PID=$LAST_PID
     "$BIN/tern-bench" wait-synced --master "$TM_URL" --slave "$TS_URL" --timeout 120s >&2
-    for row in row_a row_b row_c row_half row_sat; do
-        say "round $ROUND: $row"
-        run_both "$row"
+    for row in a b c e f; do
+        want "$row" || continue
+        if [[ $row == e ]]; then fns=(row_half row_sat); else fns=("row_$row"); fi
+        for fn in "${fns[@]}"; do
+            say "round $ROUND: $fn"
+            run_both "$fn"
+        done
     done
     for p in "$RR_PID" "$TS_PID" "$RM_PID" "$TM_PID"; do stop "$p"; done
     PIDS=()

@@ -155,6 +155,14 @@ pub struct SyncConfig {
     pub snapshot_min_interval_ms: u64,
     /// Master: bytes per second one `DbSync` stream sends at most (0 = no cap).
     pub fullsync_bytes_per_sec: u64,
+    /// Master: slaves that must hold a write durably in their relay logs
+    /// before it is answered, for writes whose request says 0 (0 =
+    /// asynchronous: answered at commit). At most `max_sessions`.
+    pub min_replicas: u32,
+    /// Master: how long a write waits for `min_replicas` slaves (and
+    /// `Admin.Wait` for its replicas) when its request says 0, in
+    /// milliseconds. Below `server.request_timeout_ms`.
+    pub replica_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -170,6 +178,8 @@ impl Default for SyncConfig {
             max_db_syncs: 4,
             snapshot_min_interval_ms: 30_000,
             fullsync_bytes_per_sec: 0,
+            min_replicas: 0,
+            replica_timeout_ms: 10_000,
         }
     }
 }
@@ -181,6 +191,10 @@ impl SyncConfig {
 
     pub fn link_timeout(&self) -> Duration {
         Duration::from_millis(self.link_timeout_ms)
+    }
+
+    pub fn replica_timeout(&self) -> Duration {
+        Duration::from_millis(self.replica_timeout_ms)
     }
 }
 
@@ -479,6 +493,28 @@ impl Config {
         {
             return bad("sync.window_batches, window_bytes and batch_bytes must be > 0".into());
         }
+        if self.sync.replica_timeout_ms == 0 {
+            return bad("sync.replica_timeout_ms must be > 0".into());
+        }
+        // Semi-sync on by default: its timeout must leave the answer time to
+        // arrive within the request timeout. (Without it, a request's own
+        // wait is cut to the request timeout; see tern_common::kv.)
+        if self.sync.min_replicas > 0
+            && self.sync.replica_timeout_ms >= self.server.request_timeout_ms
+        {
+            return bad(format!(
+                "sync.replica_timeout_ms {} must be below server.request_timeout_ms ({}) with \
+                 sync.min_replicas > 0, so that a write that waited for slaves is still answered",
+                self.sync.replica_timeout_ms, self.server.request_timeout_ms
+            ));
+        }
+        if self.sync.min_replicas as usize > self.sync.max_sessions {
+            return bad(format!(
+                "sync.min_replicas {} is above sync.max_sessions {}: no write could ever be \
+                 acknowledged by that many slaves",
+                self.sync.min_replicas, self.sync.max_sessions
+            ));
+        }
         if !(self.slave.master.starts_with("http://") || self.slave.master.starts_with("https://"))
             || self.slave.master.parse::<http::Uri>().is_err()
         {
@@ -548,6 +584,19 @@ mod tests {
         assert_eq!(c.server.max_connections, 4096);
         assert_eq!(c.server.idle_timeout(), Some(Duration::from_secs(300)));
         assert_eq!(c.server.shutdown_timeout(), Duration::from_secs(10));
+        assert_eq!(c.sync.min_replicas, 0);
+        assert_eq!(c.sync.replica_timeout(), Duration::from_secs(10));
+        let c = Config::load_from_env(
+            Role::Master,
+            &CommonArgs::default(),
+            &[],
+            env(&[
+                ("TERN__SYNC__MIN_REPLICAS", "2"),
+                ("TERN__SYNC__REPLICA_TIMEOUT_MS", "750"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.sync.min_replicas, c.sync.replica_timeout_ms), (2, 750));
         let c = Config::load_from_env(Role::Slave, &CommonArgs::default(), &[], env(&[])).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:7401");
         assert_eq!(c.slave.master, "http://127.0.0.1:7400");
@@ -626,6 +675,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("server.max_connections"), "{e}");
+        let e = Config::load_from_env(
+            Role::Master,
+            &CommonArgs::default(),
+            &[],
+            env(&[("TERN__SYNC__MIN_REPLICAS", "33")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("sync.min_replicas 33 is above sync.max_sessions 32"),
+            "{e}"
+        );
+        for pairs in [
+            &[("TERN__SYNC__REPLICA_TIMEOUT_MS", "0")][..],
+            &[
+                ("TERN__SYNC__MIN_REPLICAS", "1"),
+                ("TERN__SYNC__REPLICA_TIMEOUT_MS", "30000"),
+            ][..],
+        ] {
+            let e = Config::load_from_env(Role::Master, &CommonArgs::default(), &[], env(pairs))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("sync.replica_timeout_ms"),
+                "{pairs:?}: {e}"
+            );
+        }
         let args = CommonArgs {
             listen: Some("localhost".into()),
             ..Default::default()

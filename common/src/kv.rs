@@ -13,10 +13,18 @@
 //! values and says `more` when it stopped early. Writes are validated here (sizes, empty keys)
 //! and handed to a [`Writer`]; a node without one (a slave) answers
 //! FAILED_PRECONDITION "read-only replica".
+//!
+//! Semi-synchronous writes: a write's `min_replicas` and `replica_timeout_ms`
+//! travel to the writer as [`WriteOptions`], with the request's deadline
+//! (`grpc-timeout`, and the server's request timeout) so that the wait for
+//! slaves always ends in time for the answer to arrive. A write committed on
+//! the master that fewer slaves than asked acknowledged in time is answered
+//! by [`replicas_short`]: DEADLINE_EXCEEDED naming the commit index, so the
+//! client knows the write happened and must not be retried.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -62,6 +70,89 @@ pub struct WriteOutcome {
     /// Index of the transaction's Commit event.
     pub index: u64,
     pub results: Vec<OpOutcome>,
+    /// How many slaves held the write when it was answered (the writer fills
+    /// it in when the write waited for slaves).
+    pub replicas: ReplicaAcks,
+}
+
+/// How a write waits for slaves (semi-synchronous replication): what its
+/// request asked (0 = the node's default) and when its answer is due.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Slaves that must hold the write durably in their relay logs.
+    pub min_replicas: u32,
+    /// How long to wait for them, from when the node takes the write.
+    pub replica_timeout_ms: u32,
+    /// The answer is due by then (the request's deadline less a margin): the
+    /// wait for slaves ends there at the latest. `None` for pipelined writes.
+    pub deadline: Option<Instant>,
+}
+
+/// How many slaves held a write when it was answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaAcks {
+    /// Slaves the write waited for (0: it did not wait).
+    pub required: u32,
+    /// Connected slaves holding it durably in their relay logs.
+    pub acked: u32,
+    /// Slaves connected when it was answered.
+    pub connected: u32,
+    /// The longest it could wait, from when the node took it.
+    pub timeout_ms: u64,
+}
+
+impl ReplicaAcks {
+    /// Fewer slaves than required acknowledged in time.
+    pub fn short(&self) -> bool {
+        self.acked < self.required
+    }
+}
+
+/// Metadata of a [`replicas_short`] status: the write's commit index.
+pub const COMMIT_INDEX_HEADER: &str = "tern-commit-index";
+/// Metadata of a [`replicas_short`] status: slaves that acknowledged it.
+pub const REPLICAS_ACKED_HEADER: &str = "tern-replicas-acked";
+
+/// The answer to a write that is committed on the master but that fewer
+/// slaves than it asked for acknowledged in time: DEADLINE_EXCEEDED (gRPC's
+/// "the operation may have completed"; here it did), with a message and
+/// metadata naming the commit index and the count. Retrying it would apply
+/// it twice.
+pub fn replicas_short(out: &WriteOutcome) -> Status {
+    let r = &out.replicas;
+    let mut status = Status::deadline_exceeded(format!(
+        "committed on the master at index {}; {} of {} slaves acknowledged within {} ms \
+         ({} connected); do not retry: retrying would apply the write twice",
+        out.index, r.acked, r.required, r.timeout_ms, r.connected
+    ));
+    let meta = status.metadata_mut();
+    meta.insert(COMMIT_INDEX_HEADER, out.index.into());
+    meta.insert(REPLICAS_ACKED_HEADER, r.acked.into());
+    status
+}
+
+/// Most of a request's remaining time kept back for its answer to travel
+/// (at most a tenth of it).
+const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+
+/// The `grpc-timeout` a client sent (its deadline), when it is well formed:
+/// at most 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The answer to a queued write: resolves once it committed (or failed).
@@ -72,12 +163,16 @@ pub type PendingWrite = crate::server::BoxFuture<Result<WriteOutcome, Status>>;
 pub trait Writer: Send + Sync + 'static {
     /// Queues one write (a transaction) and returns its answer to await.
     /// Waits while the write path's queue is full. Writes one caller queued
-    /// one after the other commit in that order.
-    async fn submit(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, Status>;
+    /// one after the other commit in that order. The answer comes after the
+    /// commit and, when `opts` (or the node's default) asks for slaves, once
+    /// they hold it or the wait ended: then [`WriteOutcome::replicas`] says
+    /// how many did (the write is committed either way). Options the node
+    /// cannot honour are refused before anything is written.
+    async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status>;
 
     /// Queues one write and waits for its answer.
-    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
-        self.submit(ops).await?.await
+    async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
+        self.submit(ops, opts).await?.await
     }
 }
 
@@ -122,6 +217,8 @@ pub struct KvService {
     shutdown: CancellationToken,
     /// [`PIPELINE_BYTES_IN_FLIGHT`], in [`PIPELINE_PERMIT_BYTES`] units.
     pipeline_bytes: Arc<Semaphore>,
+    /// The server's deadline for a unary request (`server.request_timeout_ms`).
+    request_timeout: Option<Duration>,
 }
 
 impl KvService {
@@ -140,7 +237,15 @@ impl KvService {
             pipeline_bytes: Arc::new(Semaphore::new(
                 PIPELINE_BYTES_IN_FLIGHT / PIPELINE_PERMIT_BYTES,
             )),
+            request_timeout: None,
         }
+    }
+
+    /// Unary writes that wait for slaves are answered before `timeout`
+    /// (`server.request_timeout_ms`) ends the request.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> KvService {
+        self.request_timeout = Some(timeout);
+        self
     }
 
     /// `Pipeline` streams stop reading when `shutdown` is cancelled, answer
@@ -168,8 +273,34 @@ impl KvService {
         })
     }
 
-    async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, Status> {
-        self.writer()?.write(ops).await
+    /// Runs a unary write; a write that fewer slaves than it asked for
+    /// acknowledged in time is answered with [`replicas_short`].
+    async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
+        let out = self.writer()?.write(ops, opts).await?;
+        if out.replicas.short() {
+            return Err(replicas_short(&out));
+        }
+        Ok(out)
+    }
+
+    /// The options of a unary write, due before the request's deadline: the
+    /// client's (`grpc-timeout`) or the server's, whichever comes first.
+    fn options(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+        min_replicas: u32,
+        replica_timeout_ms: u32,
+    ) -> WriteOptions {
+        let budget = match (grpc_timeout(meta), self.request_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        WriteOptions {
+            min_replicas,
+            replica_timeout_ms,
+            deadline: budget
+                .and_then(|b| Instant::now().checked_add(b - ANSWER_MARGIN.min(b / 10))),
+        }
     }
 
     /// Waits, at most `wait_ms`, until the applied index reaches both
@@ -280,6 +411,17 @@ fn op_from_wire(op: pb::op::Op) -> Result<(WriteOp, usize), LimitError> {
     Ok((op, bytes))
 }
 
+/// Whether an op of a transaction carries the request-level semi-sync fields.
+fn op_waits(op: &pb::op::Op) -> bool {
+    let (n, t) = match op {
+        pb::op::Op::Put(p) => (p.min_replicas, p.replica_timeout_ms),
+        pb::op::Op::Delete(d) => (d.min_replicas, d.replica_timeout_ms),
+        pb::op::Op::IncrBy(i) => (i.min_replicas, i.replica_timeout_ms),
+        pb::op::Op::Append(a) => (a.min_replicas, a.replica_timeout_ms),
+    };
+    n != 0 || t != 0
+}
+
 /// Validates the ops of one transaction (a `Txn`, or a `Pipeline` write);
 /// returns them and their key and value bytes.
 fn txn_from_wire(wire: Vec<pb::Op>) -> Result<(Vec<WriteOp>, usize), Status> {
@@ -295,6 +437,12 @@ fn txn_from_wire(wire: Vec<pb::Op>) -> Result<(Vec<WriteOp>, usize), Status> {
         let Some(op) = op.op else {
             return Err(Status::invalid_argument(format!("op {i} is empty")));
         };
+        if op_waits(&op) {
+            return Err(Status::invalid_argument(format!(
+                "op {i}: min_replicas and replica_timeout_ms are set on the op; set them on the \
+                 request (they apply to the whole transaction)"
+            )));
+        }
         let (op, n) =
             op_from_wire(op).map_err(|e| Status::invalid_argument(format!("op {i}: {e}")))?;
         total += n;
@@ -317,10 +465,12 @@ fn results_to_wire(out: &WriteOutcome) -> Vec<pb::OpResult> {
                 OpOutcome::IncrBy(v) => pb::op_result::Result::IncrBy(pb::IncrByResponse {
                     value: *v,
                     index: out.index,
+                    replicas_acked: 0,
                 }),
                 OpOutcome::Append(l) => pb::op_result::Result::Append(pb::AppendResponse {
                     length: *l,
                     index: out.index,
+                    replicas_acked: 0,
                 }),
             }),
         })
@@ -371,7 +521,12 @@ fn pipeline(
                         let Ok(permit) = bytes.clone().acquire_many_owned(units).await else {
                             return;
                         };
-                        match writer.submit(ops).await {
+                        let opts = WriteOptions {
+                            min_replicas: req.min_replicas,
+                            replica_timeout_ms: req.replica_timeout_ms,
+                            deadline: None,
+                        };
+                        match writer.submit(ops, opts).await {
                             Ok(pending) => Queued::Write(req.id, pending, permit),
                             Err(status) => Queued::Refused(req.id, status),
                         }
@@ -391,13 +546,24 @@ fn pipeline(
     Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         let item = match rx.recv().await? {
             Queued::Write(id, pending, _permit) => Ok(match pending.await {
-                Ok(out) => pb::PipelineResponse {
-                    id,
-                    index: out.index,
-                    results: results_to_wire(&out),
-                    code: 0,
-                    message: String::new(),
-                },
+                Ok(out) => {
+                    // Committed, but not on enough slaves in time: code 4
+                    // with the index and results (it must not be sent again).
+                    let (code, message) = if out.replicas.short() {
+                        let s = replicas_short(&out);
+                        (s.code() as i32, s.message().to_string())
+                    } else {
+                        (0, String::new())
+                    };
+                    pb::PipelineResponse {
+                        id,
+                        index: out.index,
+                        results: results_to_wire(&out),
+                        code,
+                        message,
+                        replicas_acked: out.replicas.acked,
+                    }
+                }
                 Err(status) => refused(id, status),
             }),
             Queued::Refused(id, status) => Ok(refused(id, status)),
@@ -417,6 +583,7 @@ fn refused(id: u64, status: Status) -> pb::PipelineResponse {
         results: Vec::new(),
         code: status.code() as i32,
         message: status.message().to_string(),
+        replicas_acked: 0,
     }
 }
 
@@ -437,30 +604,43 @@ impl pb::kv_server::Kv for KvService {
         &self,
         req: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = req.get_ref();
+        let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
         let ops = single(pb::op::Op::Put(req.into_inner()))?;
-        let out = self.write(ops).await?;
-        Ok(Response::new(pb::WriteResponse { index: out.index }))
+        let out = self.write(ops, opts).await?;
+        Ok(Response::new(pb::WriteResponse {
+            index: out.index,
+            replicas_acked: out.replicas.acked,
+        }))
     }
 
     async fn delete(
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = req.get_ref();
+        let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
         let ops = single(pb::op::Op::Delete(req.into_inner()))?;
-        let out = self.write(ops).await?;
-        Ok(Response::new(pb::WriteResponse { index: out.index }))
+        let out = self.write(ops, opts).await?;
+        Ok(Response::new(pb::WriteResponse {
+            index: out.index,
+            replicas_acked: out.replicas.acked,
+        }))
     }
 
     async fn incr_by(
         &self,
         req: Request<pb::IncrByRequest>,
     ) -> Result<Response<pb::IncrByResponse>, Status> {
+        let r = req.get_ref();
+        let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
         let ops = single(pb::op::Op::IncrBy(req.into_inner()))?;
-        let out = self.write(ops).await?;
+        let out = self.write(ops, opts).await?;
         match only_result(&out)? {
             OpOutcome::IncrBy(value) => Ok(Response::new(pb::IncrByResponse {
                 value: *value,
                 index: out.index,
+                replicas_acked: out.replicas.acked,
             })),
             other => Err(Status::internal(format!("incr_by produced {other:?}"))),
         }
@@ -470,23 +650,29 @@ impl pb::kv_server::Kv for KvService {
         &self,
         req: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let r = req.get_ref();
+        let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
         let ops = single(pb::op::Op::Append(req.into_inner()))?;
-        let out = self.write(ops).await?;
+        let out = self.write(ops, opts).await?;
         match only_result(&out)? {
             OpOutcome::Append(length) => Ok(Response::new(pb::AppendResponse {
                 length: *length,
                 index: out.index,
+                replicas_acked: out.replicas.acked,
             })),
             other => Err(Status::internal(format!("append produced {other:?}"))),
         }
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let r = req.get_ref();
+        let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
         let (ops, _) = txn_from_wire(req.into_inner().ops)?;
-        let out = self.write(ops).await?;
+        let out = self.write(ops, opts).await?;
         Ok(Response::new(pb::TxnResponse {
             index: out.index,
             results: results_to_wire(&out),
+            replicas_acked: out.replicas.acked,
         }))
     }
 
@@ -621,6 +807,52 @@ mod tests {
         assert_eq!((r.found, r.value.as_ref(), r.index), (true, &b"2"[..], 9));
         assert_eq!(floor.refused.load(Ordering::Relaxed), 3);
         assert_eq!(floor.blocked(9), None);
+    }
+
+    #[test]
+    fn grpc_timeouts_are_parsed_or_ignored() {
+        let parse = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(parse("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(parse("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "123456789m", "10x", "-1m", "1.5S", "1s"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn a_short_write_names_its_index_and_count() {
+        let out = WriteOutcome {
+            index: 42,
+            results: vec![OpOutcome::Put],
+            replicas: ReplicaAcks {
+                required: 2,
+                acked: 1,
+                connected: 2,
+                timeout_ms: 300,
+            },
+        };
+        assert!(out.replicas.short());
+        let s = replicas_short(&out);
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            s.message(),
+            "committed on the master at index 42; 1 of 2 slaves acknowledged within 300 ms \
+             (2 connected); do not retry: retrying would apply the write twice"
+        );
+        assert_eq!(s.metadata().get(COMMIT_INDEX_HEADER).unwrap(), "42");
+        assert_eq!(s.metadata().get(REPLICAS_ACKED_HEADER).unwrap(), "1");
+        assert!(!ReplicaAcks::default().short());
     }
 
     #[tokio::test]

@@ -163,6 +163,7 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
                     .put(PutRequest {
                         key: k.clone(),
                         value: value.clone(),
+                        ..Default::default()
                     })
                     .await
                 else {
@@ -244,6 +245,7 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
                     .put(PutRequest {
                         key: key(n % keys),
                         value: value.clone(),
+                        ..Default::default()
                     })
                     .await;
                 n += 1;
@@ -314,6 +316,7 @@ pub async fn fill(
                 kv.put(PutRequest {
                     key: Bytes::from(format!("fill-{i:012}")),
                     value: value.clone(),
+                    ..Default::default()
                 })
                 .await
                 .with_context(|| format!("put fill-{i:012}"))?;

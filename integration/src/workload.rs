@@ -608,6 +608,7 @@ impl Workload {
                     .incr_by(kv::IncrByRequest {
                         key: self.counters.key(k),
                         delta,
+                        ..Default::default()
                     })
                     .await
                     .map(|r| r.into_inner().index);
@@ -622,6 +623,7 @@ impl Workload {
                     .append(kv::AppendRequest {
                         key: self.appends.key(k),
                         value: Bytes::from(token.clone()),
+                        ..Default::default()
                     })
                     .await
                     .map(|r| r.into_inner().index);
@@ -636,11 +638,13 @@ impl Workload {
                     op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
                         key: self.counters.key(k),
                         delta,
+                        ..Default::default()
                     })),
                 };
                 let r = kv
                     .txn(kv::TxnRequest {
                         ops: vec![op(a, da), op(b, db)],
+                        ..Default::default()
                     })
                     .await
                     .map(|r| r.into_inner().index);

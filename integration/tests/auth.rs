@@ -75,6 +75,7 @@ async fn refuse_client_calls(node: &Node, token: Option<&str>) -> u64 {
         .put(kv::PutRequest {
             key: b"refused".to_vec().into(),
             value: b"x".to_vec().into(),
+            ..Default::default()
         })
         .await;
     assert_refused(&what("Kv.Put"), put, "auth.token");
@@ -156,6 +157,7 @@ async fn put_keys(node: &Node, from: u32, to: u32) {
         kv.put(kv::PutRequest {
             key: format!("key-{i:04}").into_bytes().into(),
             value: format!("value-{i}").into_bytes().into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("Put {i} with the right token: {s:?}"));

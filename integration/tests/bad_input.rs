@@ -15,19 +15,31 @@ fn b(s: &str) -> Bytes {
 
 fn put_op(key: Bytes, value: Bytes) -> kv::Op {
     kv::Op {
-        op: Some(kv::op::Op::Put(kv::PutRequest { key, value })),
+        op: Some(kv::op::Op::Put(kv::PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
     }
 }
 
 fn incr_op(key: Bytes, delta: i64) -> kv::Op {
     kv::Op {
-        op: Some(kv::op::Op::IncrBy(kv::IncrByRequest { key, delta })),
+        op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
+            key,
+            delta,
+            ..Default::default()
+        })),
     }
 }
 
 fn append_op(key: Bytes, value: Bytes) -> kv::Op {
     kv::Op {
-        op: Some(kv::op::Op::Append(kv::AppendRequest { key, value })),
+        op: Some(kv::op::Op::Append(kv::AppendRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
     }
 }
 
@@ -62,6 +74,7 @@ async fn put(kv: &mut KvClient<Channel>, key: &str, value: &str) -> u64 {
     kv.put(kv::PutRequest {
         key: b(key),
         value: b(value),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("Put {key}: {e}"))
@@ -82,6 +95,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         .put(kv::PutRequest {
             key: Bytes::new(),
             value: b("v"),
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -103,6 +117,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         .put(kv::PutRequest {
             key: long_key.clone(),
             value: b("v"),
+            ..Default::default()
         })
         .await;
     let msg = LimitError::KeyTooLong {
@@ -114,6 +129,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         .incr_by(kv::IncrByRequest {
             key: long_key.clone(),
             delta: 1,
+            ..Default::default()
         })
         .await;
     expect_status("IncrBy 64 KiB + 1 key", r, Code::InvalidArgument, &[&msg]);
@@ -123,6 +139,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         .put(kv::PutRequest {
             key: b("k"),
             value: big_value.clone(),
+            ..Default::default()
         })
         .await;
     let msg = LimitError::ValueTooLong {
@@ -134,6 +151,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         .append(kv::AppendRequest {
             key: b("k"),
             value: big_value,
+            ..Default::default()
         })
         .await;
     expect_status("Append 16 MiB + 1 value", r, Code::InvalidArgument, &[&msg]);
@@ -141,14 +159,24 @@ async fn oversized_and_empty_input_is_invalid_argument() {
     let ops: Vec<kv::Op> = (0..=MAX_TXN_OPS)
         .map(|i| put_op(Bytes::from(format!("t{i}")), b("v")))
         .collect();
-    let r = kv.txn(kv::TxnRequest { ops }).await;
+    let r = kv
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
+        .await;
     let msg = LimitError::TooManyOps {
         ops: MAX_TXN_OPS + 1,
     }
     .to_string();
     expect_status("Txn with 10,001 ops", r, Code::InvalidArgument, &[&msg]);
 
-    let r = kv.txn(kv::TxnRequest { ops: vec![] }).await;
+    let r = kv
+        .txn(kv::TxnRequest {
+            ops: vec![],
+            ..Default::default()
+        })
+        .await;
     expect_status(
         "empty Txn",
         r,
@@ -162,7 +190,12 @@ async fn oversized_and_empty_input_is_invalid_argument() {
     let ops: Vec<kv::Op> = (0..5)
         .map(|i| put_op(Bytes::from(format!("big{i}")), value.clone()))
         .collect();
-    let r = kv.txn(kv::TxnRequest { ops }).await;
+    let r = kv
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
+        .await;
     expect_status(
         "Txn over 64 MiB",
         r,
@@ -176,7 +209,12 @@ async fn oversized_and_empty_input_is_invalid_argument() {
         put_op(b("ok2"), b("v")),
         put_op(Bytes::new(), b("v")),
     ];
-    let r = kv.txn(kv::TxnRequest { ops }).await;
+    let r = kv
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
+        .await;
     expect_status(
         "Txn with an empty key at op 2",
         r,
@@ -186,6 +224,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
     let r = kv
         .txn(kv::TxnRequest {
             ops: vec![kv::Op { op: None }],
+            ..Default::default()
         })
         .await;
     expect_status("Txn with an unset op", r, Code::InvalidArgument, &["op 0"]);
@@ -200,6 +239,7 @@ async fn oversized_and_empty_input_is_invalid_argument() {
     kv.put(kv::PutRequest {
         key: max_key.clone(),
         value: b("at the key limit"),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -227,6 +267,7 @@ async fn failed_preconditions_leave_no_effect() {
         .incr_by(kv::IncrByRequest {
             key: b("text"),
             delta: 1,
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -239,6 +280,7 @@ async fn failed_preconditions_leave_no_effect() {
         .incr_by(kv::IncrByRequest {
             key: b("max"),
             delta: 1,
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -251,6 +293,7 @@ async fn failed_preconditions_leave_no_effect() {
         .incr_by(kv::IncrByRequest {
             key: b("min"),
             delta: -1,
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -273,6 +316,7 @@ async fn failed_preconditions_leave_no_effect() {
     let r = kv
         .txn(kv::TxnRequest {
             ops: vec![put_op(b("k"), b("new")), incr_op(b("text"), 1)],
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -284,6 +328,7 @@ async fn failed_preconditions_leave_no_effect() {
     let r = kv
         .txn(kv::TxnRequest {
             ops: vec![incr_op(b("n"), 5), incr_op(b("max"), 1)],
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -304,6 +349,7 @@ async fn failed_preconditions_leave_no_effect() {
     let r = kv
         .txn(kv::TxnRequest {
             ops: vec![incr_op(b("near"), 10), incr_op(b("near"), 1)],
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -316,6 +362,7 @@ async fn failed_preconditions_leave_no_effect() {
     let r = kv
         .txn(kv::TxnRequest {
             ops: vec![append_op(b("k"), b("-tail")), incr_op(b("k"), 1)],
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -345,6 +392,7 @@ async fn failed_preconditions_leave_no_effect() {
     kv.put(kv::PutRequest {
         key: b("full"),
         value: full.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -353,6 +401,7 @@ async fn failed_preconditions_leave_no_effect() {
         .append(kv::AppendRequest {
             key: b("full"),
             value: b("!"),
+            ..Default::default()
         })
         .await;
     expect_status(
@@ -442,6 +491,7 @@ async fn writes_round_trip_with_consistent_indexes() {
         .incr_by(kv::IncrByRequest {
             key: b("ctr"),
             delta: 41,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -452,6 +502,7 @@ async fn writes_round_trip_with_consistent_indexes() {
         .incr_by(kv::IncrByRequest {
             key: b("ctr"),
             delta: -42,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -461,6 +512,7 @@ async fn writes_round_trip_with_consistent_indexes() {
         .append(kv::AppendRequest {
             key: b("log"),
             value: b("ab"),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -473,9 +525,13 @@ async fn writes_round_trip_with_consistent_indexes() {
                 incr_op(b("ctr"), 3),
                 put_op(b("rt/00"), b("changed")),
                 kv::Op {
-                    op: Some(kv::op::Op::Delete(kv::DeleteRequest { key: b("rt/01") })),
+                    op: Some(kv::op::Op::Delete(kv::DeleteRequest {
+                        key: b("rt/01"),
+                        ..Default::default()
+                    })),
                 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -503,7 +559,10 @@ async fn writes_round_trip_with_consistent_indexes() {
     assert_eq!(get(&mut kv, b"rt/00").await.unwrap(), Some(b("changed")));
     assert_eq!(get(&mut kv, b"rt/01").await.unwrap(), None);
     let d = kv
-        .delete(kv::DeleteRequest { key: b("rt/02") })
+        .delete(kv::DeleteRequest {
+            key: b("rt/02"),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -34,6 +34,7 @@ async fn put_keys(node: &Node, prefix: &str, n: usize) -> u64 {
             .put(kv::PutRequest {
                 key: format!("{prefix}{i:05}").into_bytes().into(),
                 value: format!("{prefix}-value-{i}").into_bytes().into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("put {prefix}{i}: {e}"));

@@ -225,6 +225,7 @@ async fn write_load(node: &Node, prefix: &str, n: usize, value_bytes: usize) {
                 kv.put(kv::PutRequest {
                     key: format!("{prefix}-{i:08}").into_bytes().into(),
                     value: random_bytes(value_bytes, (i as u64) << 8 | 7).into(),
+                    ..Default::default()
                 })
                 .await
                 .expect("put on the master");
@@ -291,6 +292,7 @@ async fn db_sync_streams_a_self_consistent_checkpoint_shared_and_then_released()
     kvc.incr_by(kv::IncrByRequest {
         key: b"counter".to_vec().into(),
         delta: 42,
+        ..Default::default()
     })
     .await
     .unwrap();

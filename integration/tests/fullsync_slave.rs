@@ -67,6 +67,7 @@ async fn put_bulk(master: &Node, n: usize, value_len: usize) {
         kv.put(PutRequest {
             key: format!("bulk-{i:06}").into(),
             value: vec![b'x' + (i % 7) as u8; value_len].into(),
+            ..Default::default()
         })
         .await
         .unwrap();

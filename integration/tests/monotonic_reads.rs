@@ -46,6 +46,7 @@ async fn write_counters(master: &Node) -> Vec<i64> {
                     c.incr_by(kv::IncrByRequest {
                         key: key((w + i) % KEYS),
                         delta: 1,
+                        ..Default::default()
                     })
                     .await
                     .expect("IncrBy on the master");

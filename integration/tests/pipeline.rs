@@ -24,13 +24,21 @@ fn b(s: impl Into<String>) -> Bytes {
 
 fn put(key: Bytes, value: Bytes) -> kv::Op {
     kv::Op {
-        op: Some(kv::op::Op::Put(kv::PutRequest { key, value })),
+        op: Some(kv::op::Op::Put(kv::PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
     }
 }
 
 fn incr(key: &str, delta: i64) -> kv::Op {
     kv::Op {
-        op: Some(kv::op::Op::IncrBy(kv::IncrByRequest { key: b(key), delta })),
+        op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
+            key: b(key),
+            delta,
+            ..Default::default()
+        })),
     }
 }
 
@@ -62,7 +70,14 @@ fn request(id: u64) -> (kv::PipelineRequest, Code) {
             Code::Ok,
         )
     };
-    (kv::PipelineRequest { id, ops }, code)
+    (
+        kv::PipelineRequest {
+            id,
+            ops,
+            ..Default::default()
+        },
+        code,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,7 @@ async fn slave_converges_serves_reads_and_refuses_writes() {
             .put(kv::PutRequest {
                 key: key.clone(),
                 value: value.clone(),
+                ..Default::default()
             })
             .await
             .expect("Put on the master")
@@ -73,21 +74,26 @@ async fn slave_converges_serves_reads_and_refuses_writes() {
             skv.put(kv::PutRequest {
                 key: b("ryw/0"),
                 value: b("x"),
+                ..Default::default()
             })
             .await
             .map(|_| ()),
         ),
         (
             "Delete",
-            skv.delete(kv::DeleteRequest { key: b("ryw/0") })
-                .await
-                .map(|_| ()),
+            skv.delete(kv::DeleteRequest {
+                key: b("ryw/0"),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
         ),
         (
             "IncrBy",
             skv.incr_by(kv::IncrByRequest {
                 key: b("c0"),
                 delta: 1,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -97,6 +103,7 @@ async fn slave_converges_serves_reads_and_refuses_writes() {
             skv.append(kv::AppendRequest {
                 key: b("a0"),
                 value: b("zz;"),
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -108,12 +115,15 @@ async fn slave_converges_serves_reads_and_refuses_writes() {
                     op(kv::op::Op::Put(kv::PutRequest {
                         key: b("ryw/1"),
                         value: b("x"),
+                        ..Default::default()
                     })),
                     op(kv::op::Op::IncrBy(kv::IncrByRequest {
                         key: b("c1"),
                         delta: 1,
+                        ..Default::default()
                     })),
                 ],
+                ..Default::default()
             })
             .await
             .map(|_| ()),

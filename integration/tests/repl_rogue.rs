@@ -132,12 +132,14 @@ async fn rogue_sync_clients_get_typed_errors_and_harm_no_one() {
         op: Some(kv::op::Op::Put(kv::PutRequest {
             key: Bytes::from(format!("first/{k}")),
             value: Bytes::from_static(b"v"),
+            ..Default::default()
         })),
     };
     let index = master
         .kv()
         .txn(kv::TxnRequest {
             ops: vec![op("a"), op("b"), op("c")],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -56,6 +56,7 @@ async fn put(kv: &mut KvClient<Channel>, key: &str, value: Bytes) -> u64 {
     kv.put(kv::PutRequest {
         key: Bytes::from(key.to_string()),
         value,
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("Put {key}: {e:?}"))
@@ -223,6 +224,7 @@ fn append(key: &str, value: &[u8]) -> kv::Op {
         op: Some(Op::Append(kv::AppendRequest {
             key: Bytes::from(key.to_string()),
             value: Bytes::copy_from_slice(value),
+            ..Default::default()
         })),
     }
 }
@@ -231,6 +233,7 @@ fn delete(key: &str) -> kv::Op {
     kv::Op {
         op: Some(Op::Delete(kv::DeleteRequest {
             key: Bytes::from(key.to_string()),
+            ..Default::default()
         })),
     }
 }
@@ -240,6 +243,7 @@ fn put_op(key: &str, value: Bytes) -> kv::Op {
         op: Some(Op::Put(kv::PutRequest {
             key: Bytes::from(key.to_string()),
             value,
+            ..Default::default()
         })),
     }
 }
@@ -268,7 +272,14 @@ async fn txn_of_appends_to_a_large_value_does_not_stall_other_clients() {
     let ops: Vec<kv::Op> = (0..2000).map(|_| append("big/0", b"z")).collect();
     let mut txn_kv = kv_client(master.channel());
     let t = Instant::now();
-    let txn = tokio::spawn(async move { txn_kv.txn(kv::TxnRequest { ops }).await });
+    let txn = tokio::spawn(async move {
+        txn_kv
+            .txn(kv::TxnRequest {
+                ops,
+                ..Default::default()
+            })
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (busy_put, put_index) = timed_put(&mut kv, "probe/busy").await;
     let txn = txn.await.unwrap().expect("the Txn of Appends").into_inner();
@@ -300,7 +311,13 @@ async fn txn_of_appends_to_a_large_value_does_not_stall_other_clients() {
         ops.push(append(&format!("big/{n}"), b""));
         ops.push(delete(&format!("big/{n}")));
     }
-    let e = kv.txn(kv::TxnRequest { ops }).await.unwrap_err();
+    let e = kv
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert_eq!(
         e.message(),
@@ -314,7 +331,13 @@ async fn txn_of_appends_to_a_large_value_does_not_stall_other_clients() {
     // 15 MB Put.
     let mut ops: Vec<kv::Op> = (1..9).map(|n| append(&format!("big/{n}"), b"y")).collect();
     ops.push(put_op("p", big_value(20, BIG)));
-    let e = kv.txn(kv::TxnRequest { ops }).await.unwrap_err();
+    let e = kv
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let written = 8 * ("big/1".len() + BIG + 1) + 1 + BIG;
     assert_eq!(

@@ -168,6 +168,7 @@ async fn put_random(master: &Node, prefix: &str, n: usize, size: usize) -> u64 {
             .put(kv::PutRequest {
                 key: Bytes::from(format!("{prefix}/{i}")),
                 value: Bytes::from(value),
+                ..Default::default()
             })
             .await
             .expect("Put")

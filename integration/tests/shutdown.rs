@@ -49,6 +49,7 @@ async fn fill(master: &Node) {
                     kv.put(kv::PutRequest {
                         key: Bytes::from(format!("fill-{w}-{i}")),
                         value: Bytes::from(value),
+                        ..Default::default()
                     })
                     .await
                     .unwrap_or_else(|e| panic!("fill Put {w}/{i}: {e}"));

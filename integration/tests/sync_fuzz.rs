@@ -720,11 +720,15 @@ fn generated_sync_sequences_against_a_real_master() {
                         value: Bytes::from(
                             (0..600).map(|_| rand::random::<u8>()).collect::<Vec<u8>>(),
                         ),
+                        ..Default::default()
                     })),
                 })
                 .collect();
             last = kv
-                .txn(kv::TxnRequest { ops })
+                .txn(kv::TxnRequest {
+                    ops,
+                    ..Default::default()
+                })
                 .await
                 .expect("Txn")
                 .into_inner()

@@ -97,11 +97,15 @@ async fn put_keys(node: &Node, from: u32, to: u32) {
             op: Some(kv::op::Op::Put(kv::PutRequest {
                 key: format!("key-{i:04}").into_bytes().into(),
                 value: format!("value-{i}").into_bytes().into(),
+                ..Default::default()
             })),
         })
         .collect();
     node.authed_kv()
-        .txn(kv::TxnRequest { ops })
+        .txn(kv::TxnRequest {
+            ops,
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|st| panic!("Txn of keys {from}..{to} over mutual TLS: {st:?}"));
 }
@@ -129,6 +133,7 @@ async fn put_refused(what: &str, mut kv: KvClient<tonic::transport::Channel>) ->
         .put(kv::PutRequest {
             key: b"refused".to_vec().into(),
             value: b"x".to_vec().into(),
+            ..Default::default()
         })
         .await
         .expect_err(&format!("{what}: a Put was accepted"));

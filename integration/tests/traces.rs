@@ -98,6 +98,7 @@ async fn a_sync_session_is_one_trace_across_master_and_slave() {
             .put(PutRequest {
                 key: format!("k{i}").into(),
                 value: "v".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

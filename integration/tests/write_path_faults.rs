@@ -173,6 +173,7 @@ impl Load {
                             .put(kv::PutRequest {
                                 key: Bytes::from(format!("bulk{c}-{}", n % 64)),
                                 value: Bytes::from(value),
+                                ..Default::default()
                             })
                             .await;
                         let mut m = model.lock().unwrap();
@@ -192,6 +193,7 @@ impl Load {
                         .incr_by(kv::IncrByRequest {
                             key: counter_key(k),
                             delta,
+                            ..Default::default()
                         })
                         .await;
                     let mut m = model.lock().unwrap();
@@ -244,6 +246,7 @@ async fn put_bulk(node: &Node, key: &'static [u8]) -> Result<u64, tonic::Status>
         .put(kv::PutRequest {
             key: Bytes::from_static(key),
             value: Bytes::from(value),
+            ..Default::default()
         })
         .await?;
     Ok(r.into_inner().index)
@@ -294,7 +297,13 @@ async fn incr(
     key: Bytes,
     delta: i64,
 ) -> Result<u64, tonic::Status> {
-    let r = kv.incr_by(kv::IncrByRequest { key, delta }).await?;
+    let r = kv
+        .incr_by(kv::IncrByRequest {
+            key,
+            delta,
+            ..Default::default()
+        })
+        .await?;
     Ok(r.into_inner().index)
 }
 

@@ -767,6 +767,8 @@ impl Committer {
             answers.push(Ok(WriteOutcome {
                 index: next_index - 1,
                 results,
+                // Filled in by the master's writer if the write waits for slaves.
+                replicas: Default::default(),
             }));
         }
         let rest: Vec<WriteRequest> = group.drain(taken..).collect();

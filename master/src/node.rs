@@ -14,7 +14,7 @@ use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogOptions, FsyncPolicy};
 use tern_common::config::Config;
 use tern_common::history::Histories;
-use tern_common::kv::{KvService, PendingWrite, WriteOp, Writer};
+use tern_common::kv::{KvService, PendingWrite, WriteOp, WriteOptions, Writer};
 use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -23,19 +23,42 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::acks::Acks;
 use crate::committer::{self, CommitterHandle, Progress, WriteError, WritePath};
 use crate::pins::Pins;
 use crate::retention;
+use crate::semi_sync::{SemiSync, WaitControl};
 use crate::snapshot::{self, SnapshotManager};
 use crate::sync::{ReplicationService, SyncShared};
 
-struct CommitWriter(CommitterHandle);
+/// The master's [`Writer`]: the committer, then (for a semi-synchronous
+/// write) the wait for slaves, after the commit answer (see
+/// [`crate::semi_sync`]).
+struct CommitWriter {
+    committer: CommitterHandle,
+    semi: SemiSync,
+    acks: Arc<Acks>,
+    /// The master's shutdown: a write waiting for slaves is answered at once.
+    stop: CancellationToken,
+}
 
 #[tonic::async_trait]
 impl Writer for CommitWriter {
-    async fn submit(&self, ops: Vec<WriteOp>) -> Result<PendingWrite, Status> {
-        let answer = self.0.submit(ops).await.map_err(write_status)?;
-        Ok(Box::pin(async move { answer.await.map_err(write_status) }))
+    async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status> {
+        let wait = self.semi.resolve(&opts)?;
+        let taken = std::time::Instant::now();
+        let answer = self.committer.submit(ops).await.map_err(write_status)?;
+        let Some(wait) = wait else {
+            return Ok(Box::pin(async move { answer.await.map_err(write_status) }));
+        };
+        let (acks, stop) = (self.acks.clone(), self.stop.clone());
+        Ok(Box::pin(async move {
+            let mut out = answer.await.map_err(write_status)?;
+            out.replicas = wait
+                .wait(&acks, out.index, taken, opts.deadline, &stop)
+                .await;
+            Ok(out)
+        }))
     }
 }
 
@@ -337,12 +360,6 @@ pub async fn run(
         fsync = %cfg.binlog.fsync,
         "tern-master serving"
     );
-    let kv = KvService::new(
-        state.clone(),
-        progress.applied.subscribe(),
-        Some(Arc::new(CommitWriter(handle))),
-    )
-    .with_shutdown(shutdown.clone());
     let sync = SyncShared::new(
         histories.clone(),
         progress.clone(),
@@ -352,6 +369,21 @@ pub async fn run(
         cfg.sync.clone(),
         shutdown.clone(),
     );
+    let semi = SemiSync::from_config(&cfg);
+    let writer = CommitWriter {
+        committer: handle,
+        semi,
+        acks: sync.acks.clone(),
+        stop: shutdown.clone(),
+    };
+    let kv = KvService::new(
+        state.clone(),
+        progress.applied.subscribe(),
+        Some(Arc::new(writer)),
+    )
+    .with_shutdown(shutdown.clone())
+    .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
+    let wait = WaitControl::new(semi, sync.acks.clone(), progress.clone(), shutdown.clone());
     let info = Arc::new(MasterInfo {
         histories,
         progress: progress.clone(),
@@ -364,6 +396,7 @@ pub async fn run(
     serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
     serve_opts.secure(&cfg, tern_common::config::Role::Master)?;
     let admin = AdminService::new(state.clone(), info)
+        .with_control(Arc::new(wait))
         .with_connections(serve_opts.connections.clone())
         .with_auth(serve_opts.auth.clone());
     let mut routes = tonic::service::Routes::builder();

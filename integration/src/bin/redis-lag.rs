@@ -26,6 +26,19 @@
 //! `write_rate`, `lag_samples`, `lag_p50_us`, `lag_p99_us`, `lag_max_us`,
 //! `lag_errors` = timeouts + failed SETs + failed samples; its catch-up fields
 //! are 0); a line on stderr splits `lag_errors` up and counts skipped samples.
+//!
+//! With `--wait-replicas N` it measures Redis's semi-synchronous write
+//! instead, the analogue of `tern-bench kv --min-replicas N`: each of
+//! `--concurrency` clients sends `SET` then `WAIT N <--wait-timeout-ms>` (0 =
+//! wait as long as it takes) on its master connection, back to back, for
+//! `--duration`; the latency of one write is from sending its SET to reading
+//! WAIT's answer. It prints ops/s and latency p50/p99/max like `tern-bench
+//! kv` (`--json`: `ops`, `ops_per_sec`, `p50_us`, `p99_us`, `max_us`,
+//! `errors`, `short`: WAITs answered with fewer than N replicas).
+//!
+//! ```text
+//! redis-lag --master 127.0.0.1:6379 --wait-replicas 1 --concurrency 1 --duration 10s --json
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +93,12 @@ struct Cli {
     /// Measure the replication lag of one write in this many.
     #[arg(long, default_value_t = 10)]
     sample_every: u64,
+    /// Instead of the lag: SET then `WAIT N` per write (see the module docs).
+    #[arg(long)]
+    wait_replicas: Option<u32>,
+    /// WAIT's timeout in milliseconds (0 = none, as `WAIT 1 0`).
+    #[arg(long, default_value_t = 0)]
+    wait_timeout_ms: u64,
     #[arg(long)]
     json: bool,
 }
@@ -417,10 +436,141 @@ async fn run(a: Cli) -> anyhow::Result<(ReplBenchReport, Detail)> {
     Ok((report, detail))
 }
 
+/// The `--wait-replicas` run: writes and their latency.
+#[derive(Debug, Default)]
+struct WaitReport {
+    ops: u64,
+    ops_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    errors: u64,
+    /// WAITs answered with fewer replicas than asked (only with a timeout).
+    short: u64,
+}
+
+impl WaitReport {
+    fn print(&self, json: bool, replicas: u32) {
+        let fields = [
+            ("ops", self.ops.to_string()),
+            ("ops_per_sec", format!("{:.1}", self.ops_per_sec)),
+            ("p50_us", self.p50_us.to_string()),
+            ("p99_us", self.p99_us.to_string()),
+            ("max_us", self.max_us.to_string()),
+            ("errors", self.errors.to_string()),
+            ("short", self.short.to_string()),
+        ];
+        let join = |f: &dyn Fn(&str, &str) -> String, sep: &str| {
+            fields
+                .iter()
+                .map(|(k, v)| f(k, v))
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
+        if json {
+            let body = join(&|k, v| format!("\"{k}\":{v}"), ",");
+            println!("{{\"mode\":\"redis-set-wait\",\"replicas\":{replicas},{body}}}");
+        } else {
+            println!(
+                "redis SET + WAIT {replicas}: {}",
+                join(&|k, v| format!("{k}={v}"), " ")
+            );
+        }
+    }
+}
+
+/// One client of the `--wait-replicas` run: SET, WAIT, until `stop_at`.
+async fn set_wait_client(
+    mut conn: Conn,
+    a: Arc<Cli>,
+    replicas: u32,
+    client: usize,
+    stop_at: Instant,
+) -> anyhow::Result<(Histogram<u64>, u64, u64)> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut errors, mut short) = (0u64, 0u64);
+    let value = vec![b'v'; a.value_size];
+    let (n, timeout) = (replicas.to_string(), a.wait_timeout_ms.to_string());
+    let mut i = client as u64;
+    while Instant::now() < stop_at {
+        let key = format!("bench-{:012}", i % a.keys).into_bytes();
+        i = i.wrapping_add(a.concurrency as u64);
+        let t0 = Instant::now();
+        match conn.call(&[b"SET", &key, &value]).await? {
+            Reply::Simple(s) if s == b"OK" => {}
+            Reply::Error(e) => {
+                errors += 1;
+                eprintln!("redis-lag: SET: {e}");
+                continue;
+            }
+            other => bail!("SET on the master: unexpected reply {other:?}"),
+        }
+        match conn
+            .call(&[b"WAIT", n.as_bytes(), timeout.as_bytes()])
+            .await?
+        {
+            Reply::Int(got) => {
+                if got < i64::from(replicas) {
+                    short += 1;
+                }
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let _ = h.record(us.max(1));
+            }
+            Reply::Error(e) => {
+                errors += 1;
+                eprintln!("redis-lag: WAIT: {e}");
+            }
+            other => bail!("WAIT on the master: unexpected reply {other:?}"),
+        }
+    }
+    Ok((h, errors, short))
+}
+
+async fn run_wait(a: Cli, replicas: u32) -> anyhow::Result<WaitReport> {
+    ensure!(
+        a.concurrency > 0 && a.keys > 0,
+        "--concurrency and --keys must be > 0"
+    );
+    let mut conns = Vec::with_capacity(a.concurrency);
+    for _ in 0..a.concurrency {
+        conns.push(Conn::connect(&a.master).await?);
+    }
+    let a = Arc::new(a);
+    let started = Instant::now();
+    let stop_at = started + a.duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(set_wait_client(c, a.clone(), replicas, i, stop_at)))
+        .collect();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut report = WaitReport::default();
+    for t in tasks {
+        let (h, errors, short) = t.await.context("client task")??;
+        all.add(&h)?;
+        report.errors += errors;
+        report.short += short;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    report.ops = all.len();
+    report.ops_per_sec = all.len() as f64 / elapsed;
+    if !all.is_empty() {
+        report.p50_us = all.value_at_quantile(0.5);
+        report.p99_us = all.value_at_quantile(0.99);
+        report.max_us = all.max();
+    }
+    Ok(report)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let json = cli.json;
+    if let Some(replicas) = cli.wait_replicas {
+        let report = run_wait(cli, replicas).await?;
+        report.print(json, replicas);
+        return Ok(());
+    }
     let (report, d) = run(cli).await?;
     report.print(json);
     eprintln!(

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! tern-bench kv  --target http://127.0.0.1:7400 --concurrency 64 --duration 10s \
-//!                --value-size 100 --keys 100000 --mix put=100 [--connections 8] [--json]
+//!                --value-size 100 --keys 100000 --mix put=100 [--connections 8] [--json] \
+//!                [--min-replicas 1 --replica-timeout-ms 10000]   # semi-synchronous writes
 //! tern-bench raw --dir /tmp/raw --batch 64 --value-size 100 --duration 10s [--sync] [--json]
 //! tern-bench wait --target http://127.0.0.1:7400 --timeout 60s
 //! ```
@@ -150,6 +151,15 @@ struct KvArgs {
     /// single event loop).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Semi-synchronous writes: each write is answered once this many slaves
+    /// hold it (its `min_replicas`; 0 = the master's sync.min_replicas). A
+    /// write they did not acknowledge in time counts as a DeadlineExceeded
+    /// error (it is committed all the same).
+    #[arg(long, default_value_t = 0)]
+    min_replicas: u32,
+    /// Each write's `replica_timeout_ms` (0 = the master's sync.replica_timeout_ms).
+    #[arg(long, default_value_t = 0)]
+    replica_timeout_ms: u32,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -506,8 +516,14 @@ async fn run_kv(a: KvArgs) -> anyhow::Result<Summary> {
         latency_us: total.latency,
         errors: total.errors,
         label: format!(
-            "{} c={} conns={} pipeline={} value={}B keys={} mix={mix}",
-            a.target, a.concurrency, a.connections, a.pipeline, a.value_size, a.keys
+            "{} c={} conns={} pipeline={} value={}B keys={} mix={mix} min_replicas={}",
+            a.target,
+            a.concurrency,
+            a.connections,
+            a.pipeline,
+            a.value_size,
+            a.keys,
+            a.min_replicas
         ),
     })
 }
@@ -532,6 +548,8 @@ async fn kv_task(
                     .put(kv::PutRequest {
                         key: key(&mut rng, "k"),
                         value: value.clone(),
+                        min_replicas: a.min_replicas,
+                        replica_timeout_ms: a.replica_timeout_ms,
                     })
                     .await
                     .map(drop),
@@ -552,6 +570,8 @@ async fn kv_task(
                     .incr_by(kv::IncrByRequest {
                         key: key(&mut rng, "c"),
                         delta: 1,
+                        min_replicas: a.min_replicas,
+                        replica_timeout_ms: a.replica_timeout_ms,
                     })
                     .await
                     .map(drop),
@@ -562,6 +582,8 @@ async fn kv_task(
                     .append(kv::AppendRequest {
                         key: key(&mut rng, "a"),
                         value: value.clone(),
+                        min_replicas: a.min_replicas,
+                        replica_timeout_ms: a.replica_timeout_ms,
                     })
                     .await
                     .map(drop),
@@ -573,11 +595,19 @@ async fn kv_task(
                         op: Some(kv::op::Op::Put(kv::PutRequest {
                             key: key(&mut rng, "k"),
                             value: value.clone(),
+                            ..Default::default()
                         })),
                     })
                     .collect();
                 (
-                    client.txn(kv::TxnRequest { ops }).await.map(drop),
+                    client
+                        .txn(kv::TxnRequest {
+                            ops,
+                            min_replicas: a.min_replicas,
+                            replica_timeout_ms: a.replica_timeout_ms,
+                        })
+                        .await
+                        .map(drop),
                     a.txn_ops as u64,
                 )
             }
@@ -613,6 +643,7 @@ fn write_ops(kind: OpKind, a: &KvArgs, rng: &mut StdRng, value: &Bytes) -> (Vec<
         kv::op::Op::Put(kv::PutRequest {
             key: key(rng, "k"),
             value: value.clone(),
+            ..Default::default()
         })
     };
     let (ops, puts) = match kind {
@@ -622,6 +653,7 @@ fn write_ops(kind: OpKind, a: &KvArgs, rng: &mut StdRng, value: &Bytes) -> (Vec<
             vec![kv::op::Op::IncrBy(kv::IncrByRequest {
                 key: key(rng, "c"),
                 delta: 1,
+                ..Default::default()
             })],
             0,
         ),
@@ -629,6 +661,7 @@ fn write_ops(kind: OpKind, a: &KvArgs, rng: &mut StdRng, value: &Bytes) -> (Vec<
             vec![kv::op::Op::Append(kv::AppendRequest {
                 key: key(rng, "a"),
                 value: value.clone(),
+                ..Default::default()
             })],
             0,
         ),
@@ -669,7 +702,16 @@ async fn pipeline_task(
             let (ops, puts) = write_ops(a.mix.pick(&mut rng), &a, &mut rng, &value);
             id += 1;
             in_flight.push_back((Instant::now(), puts));
-            if tx.send(kv::PipelineRequest { id, ops }).await.is_err() {
+            if tx
+                .send(kv::PipelineRequest {
+                    id,
+                    ops,
+                    min_replicas: a.min_replicas,
+                    replica_timeout_ms: a.replica_timeout_ms,
+                })
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -403,6 +403,7 @@ impl BigTxnLoad {
                             op: Some(kv::op::Op::IncrBy(kv::IncrByRequest {
                                 key: work.counters.key(k),
                                 delta,
+                                ..Default::default()
                             })),
                         };
                         ops.push(incr(a, da));
@@ -413,19 +414,26 @@ impl BigTxnLoad {
                             let key = Bytes::from(format!("big/{client}/{j:04}"));
                             // Every 7th key (a different set each time) is deleted instead.
                             let op = if (j as u64 + n).is_multiple_of(7) {
-                                kv::op::Op::Delete(kv::DeleteRequest { key })
+                                kv::op::Op::Delete(kv::DeleteRequest {
+                                    key,
+                                    ..Default::default()
+                                })
                             } else {
                                 let mut v = format!("{client}:{n}:{j}:").into_bytes();
                                 v.resize(value_len, b'a' + (n % 26) as u8);
                                 kv::op::Op::Put(kv::PutRequest {
                                     key,
                                     value: Bytes::from(v),
+                                    ..Default::default()
                                 })
                             };
                             ops.push(kv::Op { op: Some(op) });
                         }
                         let r = kv
-                            .txn(kv::TxnRequest { ops })
+                            .txn(kv::TxnRequest {
+                                ops,
+                                ..Default::default()
+                            })
                             .await
                             .map(|r| r.into_inner().index);
                         work.counters

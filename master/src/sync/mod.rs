@@ -88,6 +88,8 @@ pub struct SyncShared {
     pub batches_from_memory: AtomicU64,
     /// Binlog batches read from the segment files (a slave behind the tail).
     pub batches_from_files: AtomicU64,
+    /// What each connected slave holds (semi-synchronous writes, `Admin.Wait`).
+    pub acks: Arc<crate::acks::Acks>,
 }
 
 impl SyncShared {
@@ -127,6 +129,7 @@ impl SyncShared {
             full_syncs: AtomicU64::new(0),
             batches_from_memory: AtomicU64::new(0),
             batches_from_files: AtomicU64::new(0),
+            acks: crate::acks::Acks::new(),
         })
     }
 
@@ -280,6 +283,7 @@ impl pb::replication_server::Replication for ReplicationService {
                     run_session(&shared, inbound, &tx, &mut slave_id, &mut session_id).await;
                 if !slave_id.is_empty() {
                     shared.registry.disconnect(&slave_id, session_id);
+                    shared.acks.remove(&slave_id, session_id);
                 }
                 if matches!(result, Ok(Outcome::LinkTimeout | Outcome::Stalled)) {
                     shared.sessions_dropped.fetch_add(1, Ordering::Relaxed);

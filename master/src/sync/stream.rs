@@ -298,6 +298,8 @@ struct ReplyReader<'a> {
 impl ReplyReader<'_> {
     async fn run(&mut self) -> Result<Outcome, Status> {
         let link_timeout = self.shared.cfg.link_timeout();
+        // The validated TrySync index is durable in the slave's relay log.
+        self.report_received();
         loop {
             let m = match tokio::time::timeout(link_timeout, self.inbound.message()).await {
                 Err(_) => return Ok(Outcome::LinkTimeout),
@@ -344,6 +346,7 @@ impl ReplyReader<'_> {
                     });
                 self.received = received;
                 self.pin.update(self.received);
+                self.report_received();
             }
             SlaveMsg::Heartbeat(h) if h.session_id != self.session_id => {
                 shared.stale_messages.fetch_add(1, Ordering::Relaxed);
@@ -364,6 +367,7 @@ impl ReplyReader<'_> {
                     });
                 self.received = self.received.max(h.received);
                 self.pin.update(self.received);
+                self.report_received();
             }
             SlaveMsg::TrySync(_) => {
                 return Err(Status::failed_precondition(
@@ -372,5 +376,12 @@ impl ReplyReader<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Tells the ack tracker what this session's slave holds durably.
+    fn report_received(&self) {
+        self.shared
+            .acks
+            .report(&self.slave_id, self.session_id, self.received.into());
     }
 }
