@@ -131,9 +131,15 @@ pub fn replicas_short(out: &WriteOutcome) -> Status {
     status
 }
 
-/// Most of a request's remaining time kept back for its answer to travel
-/// (at most a tenth of it).
+/// Most of a request's time kept back for its answer to travel (at most a
+/// tenth of it).
 const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+
+/// How long a wait may last within a request of `budget`: the answer must
+/// still reach the client before the request's deadline.
+pub fn answer_within(budget: Duration) -> Duration {
+    budget - ANSWER_MARGIN.min(budget / 10)
+}
 
 /// The `grpc-timeout` a client sent (its deadline), when it is well formed:
 /// at most 8 digits and a unit (H, M, S, m, u, n).
@@ -298,8 +304,7 @@ impl KvService {
         WriteOptions {
             min_replicas,
             replica_timeout_ms,
-            deadline: budget
-                .and_then(|b| Instant::now().checked_add(b - ANSWER_MARGIN.min(b / 10))),
+            deadline: budget.and_then(|b| Instant::now().checked_add(answer_within(b))),
         }
     }
 

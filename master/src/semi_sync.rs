@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tern_common::config::Config;
-use tern_common::kv::{ReplicaAcks, WriteOptions};
+use tern_common::kv::{ReplicaAcks, WriteOptions, answer_within};
 use tern_common::position::Index;
 use tern_common::proto::admin::v1 as pb;
 use tern_common::server::AdminControl;
@@ -57,11 +57,28 @@ pub struct ReplicaWait {
 
 impl SemiSync {
     pub fn from_config(cfg: &Config) -> SemiSync {
+        SemiSync::new(
+            cfg.sync.min_replicas,
+            cfg.sync.replica_timeout(),
+            u32::try_from(cfg.sync.max_sessions).unwrap_or(u32::MAX),
+            Duration::from_millis(cfg.server.request_timeout_ms),
+        )
+    }
+
+    /// The default timeout is cut to what the request timeout leaves for the
+    /// answer (`sync.replica_timeout_ms` is only checked against
+    /// `server.request_timeout_ms` when `sync.min_replicas` > 0).
+    pub fn new(
+        default_replicas: u32,
+        default_timeout: Duration,
+        max_replicas: u32,
+        request_timeout: Duration,
+    ) -> SemiSync {
         SemiSync {
-            default_replicas: cfg.sync.min_replicas,
-            default_timeout: cfg.sync.replica_timeout(),
-            max_replicas: u32::try_from(cfg.sync.max_sessions).unwrap_or(u32::MAX),
-            request_timeout: Duration::from_millis(cfg.server.request_timeout_ms),
+            default_replicas,
+            default_timeout: default_timeout.min(answer_within(request_timeout)),
+            max_replicas,
+            request_timeout,
         }
     }
 
@@ -115,7 +132,7 @@ impl ReplicaWait {
         deadline: Option<Instant>,
         stop: &CancellationToken,
     ) -> ReplicaAcks {
-        let mut until = taken + self.timeout;
+        let mut until = after(taken, self.timeout);
         if let Some(d) = deadline {
             until = until.min(d);
         }
@@ -134,6 +151,13 @@ impl ReplicaWait {
             timeout_ms: until.saturating_duration_since(taken).as_millis() as u64,
         }
     }
+}
+
+/// `t + d`, or a year after `t` if that overflows (a configured timeout of
+/// centuries).
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// `Admin.Wait` on a master (like Redis `WAIT`).
@@ -195,7 +219,7 @@ impl AdminControl for WaitControl {
         };
         let at = Index::from(index);
         let got = tokio::select! {
-            got = self.acks.wait(at, replicas, Instant::now() + timeout) => got,
+            got = self.acks.wait(at, replicas, after(Instant::now(), timeout)) => got,
             _ = self.stop.cancelled() => self.acks.acked(at),
         };
         Ok(pb::WaitResponse {
@@ -210,12 +234,7 @@ mod tests {
     use super::*;
 
     fn semi() -> SemiSync {
-        SemiSync {
-            default_replicas: 0,
-            default_timeout: Duration::from_secs(10),
-            max_replicas: 32,
-            request_timeout: Duration::from_secs(30),
-        }
+        SemiSync::new(0, Duration::from_secs(10), 32, Duration::from_secs(30))
     }
 
     fn opts(min_replicas: u32, replica_timeout_ms: u32) -> WriteOptions {
@@ -248,16 +267,33 @@ mod tests {
         let e = s.resolve(&opts(1, 30_000)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("replica_timeout_ms 30000"), "{e:?}");
-        let with_default = SemiSync {
-            default_replicas: 1,
-            ..semi()
-        };
+        let with_default = SemiSync::new(1, Duration::from_secs(10), 32, Duration::from_secs(30));
         assert_eq!(
             with_default.resolve(&opts(0, 250)).unwrap(),
             Some(ReplicaWait {
                 replicas: 1,
                 timeout: Duration::from_millis(250)
             })
+        );
+    }
+
+    #[test]
+    fn the_default_timeout_fits_in_the_request_timeout() {
+        // A huge or too long default is cut to what the request leaves.
+        let s = SemiSync::new(
+            1,
+            Duration::from_secs(u64::MAX / 4),
+            32,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            s.resolve(&opts(0, 0)).unwrap().unwrap().timeout,
+            Duration::from_millis(4900)
+        );
+        let s = SemiSync::new(1, Duration::from_millis(300), 32, Duration::from_secs(5));
+        assert_eq!(
+            s.resolve(&opts(0, 0)).unwrap().unwrap().timeout,
+            Duration::from_millis(300)
         );
     }
 
