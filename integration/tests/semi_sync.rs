@@ -463,3 +463,48 @@ async fn two_slaves_one_frozen_times_out_one_of_two() {
         .into_inner();
     assert_eq!(got.value, b("one"));
 }
+
+/// A master asked to stop answers the writes waiting for slaves at once,
+/// committed and with the count it has, and keeps them across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_master_answers_waiting_writes_as_committed() {
+    let dir = TestDir::new("semi-sync-stop");
+    let mut master = Node::start_master(&dir.join("master"), &[], &[])
+        .await
+        .unwrap();
+    let slave = start_slave(&dir, "slave", &master, &[]).await;
+    wait_connected(&slave, 1).await;
+    sigstop_and_wait(&slave).await;
+    let before = master.info().await.unwrap().last_index;
+    let mut kv = master.kv();
+    let waiting = tokio::spawn(async move { kv.put(put("k", "kept", 1, GENEROUS_MS)).await });
+    // Committed (the master's binlog has it), now waiting for the frozen slave.
+    support::wait_until("the write to commit", support::DEADLINE, || {
+        let master = &master;
+        async move {
+            let last = master
+                .info()
+                .await
+                .map_err(|e| format!("{e:#}"))?
+                .last_index;
+            Ok((last > before).then_some(()))
+        }
+    })
+    .await;
+    let status = master.sigterm_and_wait().await.unwrap();
+    assert!(status.success(), "clean stop: {status}");
+    let s = waiting
+        .await
+        .unwrap()
+        .expect_err("the master stopped before a slave acknowledged");
+    let index = assert_short("Put at shutdown", &s, 0, 1);
+    assert!(index > before);
+    // The wait ended with the stop, not at its own timeout.
+    assert!(
+        !s.message().contains(&format!("within {GENEROUS_MS} ms")),
+        "{s:?}"
+    );
+    master.restart().await.unwrap();
+    assert_eq!(master_get(&master, "k").await.value, b("kept"));
+    slave.sigcont().unwrap();
+}
