@@ -7,9 +7,8 @@
 //! most `replica_timeout_ms` from when the master took it, and never past the
 //! request's own deadline, nor past the master's shutdown (a stopping master
 //! answers at once with the count it has). The committer never waits for
-//! slaves. Options are
-//! checked before anything is written: `min_replicas` at most
-//! `sync.max_sessions` (no more slaves can ever be connected), and
+//! slaves. Options are checked before anything is written: `min_replicas` at
+//! most `sync.max_sessions` (no more slaves can ever be connected), and
 //! `replica_timeout_ms` below `server.request_timeout_ms` (the answer must
 //! come before the server ends the request).
 
