@@ -37,7 +37,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::config::{Config, ConfigError, Role, ServerConfig};
+use crate::config::{Config, ConfigError, ServerConfig};
 use crate::proto::admin::v1 as pb;
 use crate::state::State;
 
@@ -211,14 +211,14 @@ impl ServeOptions {
             shutdown_timeout: c.shutdown_timeout(),
             connections: Arc::new(ConnectionStats::default()),
             serving: None,
-            auth: auth::Auth::open(Role::Master),
+            auth: auth::Auth::open(),
             tls: None,
         }
     }
 
     /// Applies `[auth]` and the TLS keys of `[server]` (TLS files are read now).
-    pub fn secure(&mut self, cfg: &Config, role: Role) -> Result<(), ConfigError> {
-        self.auth = auth::Auth::from_config(&cfg.auth, role);
+    pub fn secure(&mut self, cfg: &Config) -> Result<(), ConfigError> {
+        self.auth = auth::Auth::from_config(&cfg.auth);
         self.tls = tls::server_tls(&cfg.server)?;
         Ok(())
     }

@@ -39,6 +39,9 @@ const KEY_ANCESTORS: &[u8] = b"ancestor_histories";
 /// The binlog fsync policy the node last ran with (tells start-up whether the
 /// previous run may have shipped events that were not durable).
 const KEY_RUNNING_FSYNC: &[u8] = b"running_fsync";
+/// The role ("master" or "slave") of the node that last ran on this data: a
+/// master that finds "slave" here is a promoted slave and starts a new history.
+const KEY_ROLE: &[u8] = b"role";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -249,21 +252,38 @@ impl State {
 
     /// The fsync policy recorded by [`set_running_fsync`](Self::set_running_fsync).
     pub fn running_fsync(&self) -> Result<Option<String>, StateError> {
-        Ok(self
-            .inner
-            .db
-            .get_pinned_cf(self.meta(), KEY_RUNNING_FSYNC)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.meta_text(KEY_RUNNING_FSYNC)
     }
 
     /// Records the fsync policy this run uses (durably, if it changed).
     pub fn set_running_fsync(&self, policy: &str) -> Result<(), StateError> {
-        if self.running_fsync()?.as_deref() == Some(policy) {
+        self.set_meta_text(KEY_RUNNING_FSYNC, policy)
+    }
+
+    /// The role recorded by [`set_role`](Self::set_role) (`None` on data
+    /// written before roles were recorded).
+    pub fn role(&self) -> Result<Option<String>, StateError> {
+        self.meta_text(KEY_ROLE)
+    }
+
+    /// Records the role of the node running on this data (durably, if it changed).
+    pub fn set_role(&self, role: &str) -> Result<(), StateError> {
+        self.set_meta_text(KEY_ROLE, role)
+    }
+
+    fn meta_text(&self, key: &[u8]) -> Result<Option<String>, StateError> {
+        Ok(self
+            .inner
+            .db
+            .get_pinned_cf(self.meta(), key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn set_meta_text(&self, key: &[u8], value: &str) -> Result<(), StateError> {
+        if self.meta_text(key)?.as_deref() == Some(value) {
             return Ok(());
         }
-        self.inner
-            .db
-            .put_cf(self.meta(), KEY_RUNNING_FSYNC, policy.as_bytes())?;
+        self.inner.db.put_cf(self.meta(), key, value.as_bytes())?;
         self.flush()
     }
 

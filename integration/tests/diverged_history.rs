@@ -17,34 +17,15 @@ mod support;
 
 use std::time::Duration;
 
-use support::{DEADLINE, converge, describe_slave, sigstop_and_wait, slave_counters, wait_until};
+use support::{
+    DEADLINE, FAST_LINK, converge, describe_slave, put_keys, sigstop_and_wait, slave_counters,
+    wait_until,
+};
 use tern_common::proto::kv::v1 as kv;
 use tern_integration::{Node, TestDir, binlog_boundaries, lose_binlog_tail};
 
-const FAST: [(&str, &str); 2] = [
-    ("TERN__SYNC__LINK_TIMEOUT_MS", "1500"),
-    ("TERN__SYNC__HEARTBEAT_MS", "300"),
-];
-
-async fn put_keys(node: &Node, prefix: &str, n: usize) -> u64 {
-    let mut kv = node.kv();
-    let mut last = 0;
-    for i in 0..n {
-        let r = kv
-            .put(kv::PutRequest {
-                key: format!("{prefix}{i:05}").into_bytes().into(),
-                value: format!("{prefix}-value-{i}").into_bytes().into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("put {prefix}{i}: {e}"));
-        last = r.into_inner().index;
-    }
-    last
-}
-
 fn env_with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut v: Vec<(&str, &str)> = FAST.to_vec();
+    let mut v: Vec<(&str, &str)> = FAST_LINK.to_vec();
     v.extend_from_slice(extra);
     v
 }
@@ -56,14 +37,14 @@ async fn lost_tail_never_continues_silently(fsync: &str) {
         .await
         .unwrap();
     let url = master.url();
-    let keeper = Node::start_slave(&dir.join("keeper"), &url, &FAST, &[])
+    let keeper = Node::start_slave(&dir.join("keeper"), &url, &FAST_LINK, &[])
         .await
         .unwrap();
     let resync_env = env_with(&[("TERN__SLAVE__RESYNC_WHEN_AHEAD", "true")]);
     let resyncer = Node::start_slave(&dir.join("resyncer"), &url, &resync_env, &[])
         .await
         .unwrap();
-    let behind = Node::start_slave(&dir.join("behind"), &url, &FAST, &[])
+    let behind = Node::start_slave(&dir.join("behind"), &url, &FAST_LINK, &[])
         .await
         .unwrap();
 
@@ -212,7 +193,7 @@ async fn fsync_always_crash_keeps_the_history() {
     let mut master = Node::start_master(&dir.join("master"), &env, &[])
         .await
         .unwrap();
-    let slave = Node::start_slave(&dir.join("slave"), &master.url(), &FAST, &[])
+    let slave = Node::start_slave(&dir.join("slave"), &master.url(), &FAST_LINK, &[])
         .await
         .unwrap();
     put_keys(&master, "a", 50).await;
@@ -251,10 +232,10 @@ async fn state_ahead_of_a_lost_binlog_tail_continues_after_the_state() {
         .await
         .unwrap();
     let url = master.url();
-    let level = Node::start_slave(&dir.join("level"), &url, &FAST, &[])
+    let level = Node::start_slave(&dir.join("level"), &url, &FAST_LINK, &[])
         .await
         .unwrap();
-    let behind = Node::start_slave(&dir.join("behind"), &url, &FAST, &[])
+    let behind = Node::start_slave(&dir.join("behind"), &url, &FAST_LINK, &[])
         .await
         .unwrap();
     put_keys(&master, "a", 100).await;

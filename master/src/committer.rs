@@ -200,7 +200,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn new(binlog: &Binlog, state: &State) -> Arc<Progress> {
+    /// Progress of `binlog` applied to `state`: the committer's, or a slave's
+    /// relay log that it serves to its own slaves (cascading), which it then
+    /// publishes with [`publish_relay`](Self::publish_relay).
+    pub fn new(binlog: &Binlog, state: &State) -> Arc<Progress> {
         let (shippable_tx, shippable) = watch::channel(binlog.shippable_index());
         let (applied, _) = watch::channel(state.applied_index());
         Arc::new(Progress {
@@ -232,7 +235,9 @@ impl Progress {
         }
     }
 
-    fn record_commit(&self, last_index: u64) {
+    /// Records that the events up to `last_index` arrived now (lag_ms of the
+    /// slaves is measured from it).
+    pub fn record_commit(&self, last_index: u64) {
         let mut times = self.commit_times.lock().expect("commit times");
         if times.len() == COMMIT_TIMES {
             times.pop_front();
@@ -241,6 +246,16 @@ impl Progress {
     }
 
     fn publish(&self, binlog: &Binlog) {
+        self.publish_shippable(binlog, binlog.shippable_index());
+    }
+
+    /// A slave's relay log, served to its own slaves: only what it received
+    /// (durable under its fsync policy, at a transaction boundary) is shipped.
+    pub fn publish_relay(&self, relay: &Binlog) {
+        self.publish_shippable(relay, relay.received_index());
+    }
+
+    fn publish_shippable(&self, binlog: &Binlog, ship: u64) {
         self.durable
             .store(binlog.durable_index(), Ordering::Release);
         self.last_index
@@ -249,7 +264,6 @@ impl Progress {
             .store(binlog.first_index(), Ordering::Release);
         self.binlog_bytes
             .store(binlog.total_bytes(), Ordering::Release);
-        let ship = binlog.shippable_index();
         self.shippable_tx.send_if_modified(|v| {
             let changed = *v != ship;
             *v = ship;

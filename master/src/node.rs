@@ -213,7 +213,27 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
             "binlog tail was torn or held a partial transaction; truncated it"
         );
     }
+    let promoted = was_slave(&state, dir)?;
     let (histories, clean_shutdown) = match state.histories()? {
+        Some(h) if promoted => {
+            // A slave's data: its relay log is byte-identical to its master's
+            // binlog up to where it ends, so slaves of the old master at or
+            // before that index continue from here (I8).
+            if state.applied_index() > binlog.last_index() {
+                continue_binlog_after_state(&mut binlog, &state)?;
+            }
+            let end = binlog.last_index();
+            let h = start_history(&state, h, end)?;
+            tracing::warn!(
+                repl_id = %h.current,
+                old_repl_id = %h.ancestors.last().map(|a| a.repl_id.to_string()).unwrap_or_default(),
+                ended_at = end,
+                "promoted: this data was a slave's; it is now a master with a new replication \
+                 history (slaves of the old master at or before the old history's end continue \
+                 with a partial resync)"
+            );
+            (h, false)
+        }
         Some(h) => {
             let clean_shutdown = marker.matches(Some(h.current), binlog.last_index());
             // The fsync policy of the run that just ended decides what it shipped.
@@ -225,7 +245,17 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
                 if state.applied_index() > binlog.last_index() {
                     continue_binlog_after_state(&mut binlog, &state)?;
                 }
-                (fork_history(&state, h, binlog.last_index())?, false)
+                let end = binlog.last_index();
+                let h = start_history(&state, h, end)?;
+                tracing::warn!(
+                    old_repl_id = %h.ancestors.last().map(|a| a.repl_id.to_string()).unwrap_or_default(),
+                    ended_at = end,
+                    repl_id = %h.current,
+                    "the last run stopped without a clean shutdown and shipped events before \
+                     they were durable: starting a new replication history (slaves beyond the \
+                     old one's end will be told they diverged)"
+                );
+                (h, false)
             } else {
                 (h, clean_shutdown)
             }
@@ -243,6 +273,7 @@ pub fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         }
     };
     state.set_running_fsync(cfg.binlog.fsync.as_str())?;
+    state.set_role("master")?;
     anyhow::ensure!(
         state.applied_index() <= binlog.last_index(),
         "RocksDB has applied index {} but the binlog ends at {}, after a clean stop or with \
@@ -292,26 +323,27 @@ fn continue_binlog_after_state(binlog: &mut Binlog, state: &State) -> anyhow::Re
 }
 
 /// Ends the current history at `end` (the last index the binlog still holds)
-/// and starts a new one (I8). Called when the last run stopped without a clean
-/// shutdown while shipping events before they were durable (`fsync = everysec`
-/// or `no`): the disk may have lost events that slaves already hold, and new
-/// transactions would reuse their indexes. Slaves at or before `end` continue
-/// (the prefix is shared); slaves beyond it are told `diverged`.
-fn fork_history(state: &State, mut h: Histories, end: u64) -> anyhow::Result<Histories> {
-    let old = h.current;
+/// and starts a new one (I8), stored before anything of it is written. Called
+/// when this master cannot prove that what it (or, for a promoted slave, its
+/// old master) may have shipped is still its own: after a run that stopped
+/// without a clean shutdown while shipping events before they were durable
+/// (`fsync = everysec` or `no`), and at promotion. Slaves at or before `end`
+/// continue (the prefix is shared); slaves beyond it are told `diverged`.
+fn start_history(state: &State, mut h: Histories, end: u64) -> anyhow::Result<Histories> {
     h.fork(end.into(), ReplId::random());
     state
         .set_histories(&h)
         .context("storing the new replication history")?;
-    tracing::warn!(
-        old_repl_id = %old,
-        ended_at = end,
-        repl_id = %h.current,
-        "the last run stopped without a clean shutdown and shipped events before they were \
-         durable: starting a new replication history (slaves beyond the old one's end will be \
-         told they diverged)"
-    );
     Ok(h)
+}
+
+/// Whether a slave ran last on this data (a promotion): its recorded role,
+/// or, on data from before roles were recorded, the slave's id file.
+fn was_slave(state: &State, dir: &std::path::Path) -> anyhow::Result<bool> {
+    Ok(match state.role()? {
+        Some(role) => role == "slave",
+        None => dir.join("SLAVE_ID").exists(),
+    })
 }
 
 /// Runs a master on `listener` until `shutdown` is cancelled, then stops
@@ -344,7 +376,7 @@ pub async fn run(
     let snapshots = SnapshotManager::new(
         &cfg.server.data_dir,
         state.clone(),
-        repl_id,
+        Some(repl_id),
         pins.clone(),
         progress.clone(),
         Duration::from_millis(cfg.sync.snapshot_idle_ms),
@@ -394,7 +426,7 @@ pub async fn run(
     });
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
     serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
-    serve_opts.secure(&cfg, tern_common::config::Role::Master)?;
+    serve_opts.secure(&cfg)?;
     let admin = AdminService::new(state.clone(), info)
         .with_control(Arc::new(wait))
         .with_connections(serve_opts.connections.clone())

@@ -60,8 +60,8 @@ pub enum SnapshotError {
          the binlog is over binlog.max_retain_bytes"
     )]
     Purged { index: u64, first: u64 },
-    #[error("checkpoint holds replication id {found}, not this master's {expected}")]
-    WrongReplId { found: String, expected: ReplId },
+    #[error("checkpoint holds replication id {found}, expected {expected}")]
+    WrongReplId { found: String, expected: String },
     #[error(
         "a full-sync snapshot was made {made_ms} ms ago and none is live to share \
          (sync.snapshot_min_interval_ms)"
@@ -222,7 +222,10 @@ impl Drop for SnapshotLease {
 pub struct SnapshotManager {
     root: PathBuf,
     state: State,
-    repl_id: ReplId,
+    /// The history every checkpoint must be of (a master's); `None` (a slave
+    /// serving its own slaves, which adopts its master's histories): the one
+    /// stored in the checkpoint.
+    repl_id: Option<ReplId>,
     pins: Arc<Pins>,
     progress: Arc<Progress>,
     idle: Duration,
@@ -252,7 +255,7 @@ impl SnapshotManager {
     pub fn new(
         data_dir: &Path,
         state: State,
-        repl_id: ReplId,
+        repl_id: Option<ReplId>,
         pins: Arc<Pins>,
         progress: Arc<Progress>,
         idle: Duration,
@@ -382,16 +385,21 @@ impl SnapshotManager {
                 return Err(SnapshotError::Task(e.to_string()));
             }
         };
-        if meta.repl_id != Some(self.repl_id) {
-            remove_dir(dir).await;
-            return Err(SnapshotError::WrongReplId {
-                found: meta
-                    .repl_id
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|| "(none)".into()),
-                expected: self.repl_id,
-            });
-        }
+        let repl_id = match (meta.repl_id, self.repl_id) {
+            (Some(found), None) => found,
+            (Some(found), Some(expected)) if found == expected => found,
+            (found, expected) => {
+                remove_dir(dir).await;
+                return Err(SnapshotError::WrongReplId {
+                    found: found
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "(none)".into()),
+                    expected: expected
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "a replication history (this node has none yet)".into()),
+                });
+            }
+        };
         pin.update(meta.applied_index);
         let first = self.progress.first_index.load(Ordering::Acquire);
         if meta.applied_index + 1 < first {
@@ -416,7 +424,7 @@ impl SnapshotManager {
             dir,
             index: meta.applied_index,
             last_seq: meta.last_seq,
-            repl_id: self.repl_id,
+            repl_id,
             files,
             total_bytes,
             created: Instant::now(),

@@ -98,6 +98,8 @@ pub enum ReconnectReason {
     FullSync(String),
     #[error("{0}")]
     Fatal(String),
+    #[error("re-pointed to master {0} (Admin.SetMaster)")]
+    MasterChanged(String),
 }
 
 /// Events the receiver keeps for the hand-off before it gives up on it (the
@@ -182,6 +184,12 @@ pub struct Link {
     pub applied: watch::Receiver<u64>,
     pub status: Arc<LinkStatus>,
     pub shutdown: CancellationToken,
+    /// What this slave serves to its own slaves (cascading): the relay log's
+    /// progress and the histories it follows.
+    pub downstream: Arc<tern_master::sync::SyncShared>,
+    /// The master to follow (`slave.master`, changed by `Admin.SetMaster`):
+    /// a change ends the session; the next one, after the barrier, goes there.
+    pub master: watch::Receiver<String>,
 }
 
 enum SessionEnd {
@@ -248,7 +256,7 @@ impl Link {
     /// Follows the master until shutdown or until a full sync is staged; returns
     /// the relay log for a clean close.
     pub async fn run(mut self) -> (Binlog, LinkExit) {
-        self.status.publish_relay(&self.relay);
+        self.publish_relay();
         let mut exit = LinkExit::Shutdown;
         let mut backoff = Duration::from_millis(100);
         let max_backoff = Duration::from_secs(5);
@@ -286,6 +294,11 @@ impl Link {
                     };
                     self.fail(state, &reason);
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if matches!(reason, ReconnectReason::MasterChanged(_)) {
+                        // Straight to the barrier and the new master.
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
                     if matches!(
                         reason,
                         ReconnectReason::NeedFullSync { .. } | ReconnectReason::Fatal(_)
@@ -299,6 +312,8 @@ impl Link {
             let jitter = Duration::from_millis(rand::random::<u64>() % 50);
             tokio::select! {
                 _ = tokio::time::sleep(backoff + jitter) => {}
+                // A new master is tried at once (after the barrier).
+                r = self.master.changed() => if r.is_ok() { backoff = Duration::from_millis(100) },
                 _ = self.shutdown.cancelled() => break,
             }
             backoff = (backoff * 2).min(max_backoff);
@@ -312,6 +327,13 @@ impl Link {
             tracing::error!(error = %e, "rolling back the relay log to {received}");
         }
         (self.relay, exit)
+    }
+
+    /// Publishes the relay log's extent to Info and to this slave's own
+    /// sync sessions (which ship up to `received`).
+    fn publish_relay(&self) {
+        self.status.publish_relay(&self.relay);
+        self.downstream.progress.publish_relay(&self.relay);
     }
 
     fn fail(&self, state: LinkState, reason: &dyn std::fmt::Display) {
@@ -340,7 +362,7 @@ impl Link {
             );
             tokio::task::block_in_place(|| self.relay.truncate_after(received))
                 .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            self.status.publish_relay(&self.relay);
+            self.publish_relay();
         }
         let mut applied = self.applied.clone();
         tokio::select! {
@@ -353,6 +375,7 @@ impl Link {
     }
 
     async fn session(&mut self) -> Result<SessionEnd, ReconnectReason> {
+        self.cfg.slave.master = self.master.borrow_and_update().clone();
         let index = *self.received_tx.borrow();
         let repl_id = self.status.snapshot().repl_id;
         let span = tracing::info_span!(
@@ -369,10 +392,15 @@ impl Link {
         if let Some(id) = repl_id {
             span.record("repl_id", tracing::field::display(id));
         }
-        let result = self
-            .session_inner(index, repl_id, &span)
-            .instrument(span.clone())
-            .await;
+        let mut master = self.master.clone();
+        let result = tokio::select! {
+            r = self.session_inner(index, repl_id, &span).instrument(span.clone()) => r,
+            // Dropped at an await point, as when the link is lost: the barrier
+            // before the next session rolls the relay log back to `received`.
+            Ok(()) = master.changed() => {
+                Err(ReconnectReason::MasterChanged(master.borrow_and_update().clone()))
+            }
+        };
         match &result {
             Ok(SessionEnd::Shutdown) => span.record("outcome", "shutdown"),
             Ok(SessionEnd::FullSyncStaged(s)) => span.record(
@@ -491,6 +519,9 @@ impl Link {
             let state = self.state.clone();
             tokio::task::block_in_place(|| state.set_histories(&histories))
                 .map_err(|e| ReconnectReason::Fatal(format!("storing repl id: {e}")))?;
+            // This slave's own slaves follow the new history too (they
+            // reconnect and adopt it), before anything of it is appended.
+            self.downstream.set_histories(histories);
             self.status.set(|s| s.repl_id = Some(master_repl));
             span.record("repl_id", tracing::field::display(master_repl));
         }
@@ -613,11 +644,16 @@ impl Link {
                 events,
             });
         }
-        self.received_tx.send_if_modified(|r| {
+        let moved = self.received_tx.send_if_modified(|r| {
             let changed = *r != received;
             *r = received;
             changed
         });
+        if moved {
+            let progress = &self.downstream.progress;
+            progress.record_commit(received);
+            progress.publish_relay(&self.relay);
+        }
         received
     }
 
@@ -630,7 +666,7 @@ impl Link {
             .tick()
             .map_err(|e| ReconnectReason::Relay(e.to_string()))?
         {
-            self.status.publish_relay(&self.relay);
+            self.publish_relay();
             self.advance_received();
         }
         Ok(())
@@ -713,7 +749,7 @@ impl Link {
             self.relay
                 .sync_if_due()
                 .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            self.status.publish_relay(&self.relay);
+            self.publish_relay();
         }
         debug_assert_eq!(self.relay.last_boundary(), parser.last_boundary());
         let received = self.advance_received();

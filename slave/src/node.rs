@@ -17,7 +17,7 @@ use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogError, BinlogOptions};
 use tern_common::config::Config;
 use tern_common::kv::{KvService, ReadFloor};
-use tern_common::position::Position;
+use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::replay::ReplayError;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -34,9 +34,45 @@ use crate::link::{Link, LinkExit, LinkStatus};
 /// The sequential apply rate measured by `scripts/bench-repl.sh` (catch-up).
 const APPLY_RATE: &str = "about 2.5M events/s, 0.85M one-Put transactions/s, on one thread";
 
+/// `Admin.SetMaster`: re-points the link (see [`crate::link`]).
+struct SlaveControl {
+    master: watch::Sender<String>,
+    slave: tern_common::config::SlaveConfig,
+}
+
+#[tonic::async_trait]
+impl tern_common::server::AdminControl for SlaveControl {
+    async fn set_master(
+        &self,
+        req: admin::SetMasterRequest,
+    ) -> Result<admin::SetMasterResponse, tonic::Status> {
+        let url = req.master.trim().to_string();
+        if url.is_empty() || url.len() > 2048 {
+            return Err(tonic::Status::invalid_argument(
+                "SetMaster: master must be a URL of 1 to 2048 bytes, e.g. http://10.0.0.2:7400",
+            ));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "SetMaster: master {url:?} must start with http:// or https://"
+            )));
+        }
+        // The same check (and TLS files) the link will use.
+        let mut slave = self.slave.clone();
+        slave.master = url.clone();
+        tern_common::server::tls::master_endpoint(&slave)
+            .map_err(|e| tonic::Status::invalid_argument(format!("SetMaster: {e}")))?;
+        let previous = self.master.send_replace(url.clone());
+        tracing::warn!(%previous, master = %url, "Admin.SetMaster: following a new master (not persisted: a restart follows slave.master again)");
+        Ok(admin::SetMasterResponse { previous })
+    }
+}
+
 struct SlaveInfo {
+    /// This slave's own slaves (cascading).
+    downstream: Arc<tern_master::sync::SyncShared>,
     status: Arc<LinkStatus>,
-    master: String,
+    master: watch::Receiver<String>,
     received: watch::Receiver<u64>,
     applied: watch::Receiver<u64>,
     replayed_on_start: u64,
@@ -54,6 +90,7 @@ impl InfoSource for SlaveInfo {
         // them.
         let applied = *self.applied.borrow();
         let received = *self.received.borrow();
+        let master = self.master.borrow().clone();
         admin::InfoResponse {
             role: "slave".into(),
             repl_id: link.repl_id.map(|r| r.to_string()).unwrap_or_default(),
@@ -75,9 +112,12 @@ impl InfoSource for SlaveInfo {
                     Vec::new()
                 }
             },
+            slaves: self.downstream.slave_infos(),
+            sync_sessions: self.downstream.sync_sessions(),
+            db_sync_streams: self.downstream.db_sync_streams(),
             link: Some(admin::LinkInfo {
                 state: link.state.as_str().into(),
-                master: self.master.clone(),
+                master,
                 session_id: link.session_id,
                 received_index: received,
                 last_error: link.last_error,
@@ -141,9 +181,11 @@ pub async fn run(
     let listener = listener.into_std()?;
     let status = LinkStatus::new(None);
     let reads_refused = Arc::new(AtomicU64::new(0));
+    // Admin.SetMaster changes it; it outlives restarts of the node (a full sync).
+    let master = watch::channel(cfg.slave.master.clone()).0;
     loop {
         let l = TcpListener::from_std(listener.try_clone()?)?;
-        match run_once(l, &cfg, &status, &reads_refused, &shutdown).await? {
+        match run_once(l, &cfg, &status, &reads_refused, &master, &shutdown).await? {
             LinkExit::Shutdown => return Ok(()),
             LinkExit::FullSyncStaged(staged) => {
                 tracing::info!(
@@ -213,11 +255,16 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
         tracing::warn!(error = %e, "could not set aside space for the clean-shutdown marker");
     }
     let slave_id = slave_id(cfg, dir)?;
+    // Checkpoints served to this slave's own slaves do not outlive a run.
+    tern_master::snapshot::remove_all(dir)
+        .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
     if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
         tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
     }
     let state = State::open(&dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", dir.join("db").display()))?;
+    // A master started on this data later is a promotion (it starts a new history).
+    state.set_role("slave")?;
     let clean = marker.matches(state.repl_id()?, state.applied_index());
     let relay_dir = dir.join("binlog");
     // Opening the relay log truncates a damaged tail, possibly below what was
@@ -305,6 +352,7 @@ async fn run_once(
     cfg: &Config,
     status: &Arc<LinkStatus>,
     reads_refused: &Arc<AtomicU64>,
+    master: &watch::Sender<String>,
     outer: &CancellationToken,
 ) -> anyhow::Result<LinkExit> {
     let dir = cfg.server.data_dir.clone();
@@ -324,6 +372,36 @@ async fn run_once(
         s.repl_id = repl_id;
         s.session_id = 0;
     });
+    // Cascading: this slave serves Replication (Sync, DbSync) to its own
+    // slaves from its relay log (byte-identical to the master's binlog, shipped
+    // up to what it received) and RocksDB checkpoints, in its master's
+    // histories.
+    let pins = tern_master::pins::Pins::new();
+    let progress = tern_master::committer::Progress::new(&relay, &state);
+    progress.publish_relay(&relay);
+    let snapshots = tern_master::snapshot::SnapshotManager::new(
+        &dir,
+        state.clone(),
+        None,
+        pins.clone(),
+        progress.clone(),
+        Duration::from_millis(cfg.sync.snapshot_idle_ms),
+        Duration::from_millis(cfg.sync.snapshot_min_interval_ms),
+    );
+    let snapshot_gc = snapshots.spawn_gc(shutdown.clone());
+    let downstream = tern_master::sync::SyncShared::new(
+        // A slave that never synced has no history: its slaves are told to
+        // full-sync, which it cannot serve until it has data.
+        state
+            .histories()?
+            .unwrap_or_else(|| tern_common::history::Histories::new(ReplId(0))),
+        progress.clone(),
+        pins,
+        snapshots.clone(),
+        relay.reader(),
+        cfg.sync.clone(),
+        shutdown.clone(),
+    );
     let (received_tx, received_rx) = watch::channel(relay.last_index());
     let drain = CancellationToken::new();
     let (handoff, handoff_rx) = crate::applier::hand_off();
@@ -346,7 +424,17 @@ async fn run_once(
         applied: applier.applied.clone(),
         status: status.clone(),
         shutdown: shutdown.clone(),
+        master: master.subscribe(),
+        downstream: downstream.clone(),
     };
+    // The applied index, for the checkpoints' pins.
+    let mut applied_rx = applier.applied.clone();
+    tokio::spawn(async move {
+        while applied_rx.changed().await.is_ok() {
+            let a = *applied_rx.borrow_and_update();
+            progress.applied.send_replace(a);
+        }
+    });
     let link_shutdown = shutdown.clone();
     let link_task = tokio::spawn(async move {
         let out = link.run().await;
@@ -357,7 +445,7 @@ async fn run_once(
     tracing::info!(
         listen = %listener.local_addr()?,
         %slave_id,
-        master = %cfg.slave.master,
+        master = %*master.borrow(),
         applied = state.applied_index(),
         replayed_on_start,
         clean_shutdown = clean,
@@ -370,9 +458,10 @@ async fn run_once(
     let kv = KvService::new(state.clone(), applier.applied.clone(), None)
         .with_read_floor(read_floor.clone());
     let info = Arc::new(SlaveInfo {
+        downstream: downstream.clone(),
         read_floor,
         status: status.clone(),
-        master: cfg.slave.master.clone(),
+        master: master.subscribe(),
         received: received_rx,
         applied: applier.applied.clone(),
         replayed_on_start,
@@ -380,15 +469,23 @@ async fn run_once(
         fsync: cfg.binlog.fsync.to_string(),
     });
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
-    serve_opts.secure(cfg, tern_common::config::Role::Slave)?;
+    serve_opts.secure(cfg)?;
+    let control = Arc::new(SlaveControl {
+        master: master.clone(),
+        slave: cfg.slave.clone(),
+    });
     let admin = AdminService::new(state.clone(), info)
+        .with_control(control)
         .with_connections(serve_opts.connections.clone())
         .with_auth(serve_opts.auth.clone());
     let mut routes = tonic::service::Routes::builder();
     routes.add_service(kv.into_server());
     routes.add_service(admin.into_server());
+    routes.add_service(tern_master::sync::ReplicationService::new(downstream).into_server());
     let served =
         tern_common::server::serve(listener, routes.routes(), serve_opts, shutdown.clone()).await;
+    let _ = snapshot_gc.await;
+    snapshots.remove_everything().await;
     // serve returned at most server.shutdown_timeout_ms after `shutdown`,
     // with every connection closed (cut if a client held it, e.g. a long
     // min_index read).

@@ -32,7 +32,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::server::TcpConnectInfo;
 
 use super::connections::RateLimited;
-use crate::config::{AuthConfig, Role, Secret};
+use crate::config::{AuthConfig, Secret};
 
 /// Services open without a token.
 pub const OPEN_SERVICES: [&str; 3] = [
@@ -128,7 +128,6 @@ fn refusal_message(need: Need, refusal: Refusal) -> &'static str {
 struct Inner {
     client: Option<TokenDigest>,
     replication: Option<TokenDigest>,
-    role: Role,
     failures: AtomicU64,
     log: Mutex<RateLimited>,
 }
@@ -150,12 +149,11 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    fn new(client: Option<&Secret>, replication: Option<&Secret>, role: Role) -> Auth {
+    fn new(client: Option<&Secret>, replication: Option<&Secret>) -> Auth {
         Auth {
             inner: Arc::new(Inner {
                 client: client.map(|t| digest(t.expose().as_bytes())),
                 replication: replication.map(|t| digest(t.expose().as_bytes())),
-                role,
                 failures: AtomicU64::new(0),
                 log: Mutex::new(RateLimited::new()),
             }),
@@ -163,13 +161,13 @@ impl Auth {
     }
 
     /// No token required anywhere.
-    pub fn open(role: Role) -> Auth {
-        Auth::new(None, None, role)
+    pub fn open() -> Auth {
+        Auth::new(None, None)
     }
 
     /// The tokens of `[auth]` (token files already read by `Config::load`).
-    pub fn from_config(c: &AuthConfig, role: Role) -> Auth {
-        Auth::new(c.token.as_ref(), c.replication_token.as_ref(), role)
+    pub fn from_config(c: &AuthConfig) -> Auth {
+        Auth::new(c.token.as_ref(), c.replication_token.as_ref())
     }
 
     /// Requests refused so far (`Info.counters.auth_failures`).
@@ -185,8 +183,8 @@ impl Auth {
         if i.client.is_none() {
             open.push("auth.token (Kv, Admin)");
         }
-        // Only a master serves Replication.
-        if i.replication.is_none() && i.role == Role::Master {
+        // Masters, and slaves for their own slaves (cascading), serve Replication.
+        if i.replication.is_none() {
             open.push("auth.replication_token (Replication: Sync, DbSync)");
         }
         let any_token = i.client.is_some() || i.replication.is_some();
@@ -396,11 +394,7 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_per_service_and_failures_counted() {
-        let auth = Auth::new(
-            Some(&secret("client-1")),
-            Some(&secret("repl-2")),
-            Role::Master,
-        );
+        let auth = Auth::new(Some(&secret("client-1")), Some(&secret("repl-2")));
         let ok = |p: &str, a: Option<&str>| auth.authorize(&request(p, a)).is_ok();
         assert!(ok("/tern.kv.v1.Kv/Get", Some("Bearer client-1")));
         assert!(ok(
@@ -438,7 +432,7 @@ mod tests {
 
     #[test]
     fn no_token_configured_is_open() {
-        let auth = Auth::open(Role::Slave);
+        let auth = Auth::open();
         assert!(auth.authorize(&request("/tern.kv.v1.Kv/Put", None)).is_ok());
         assert!(
             auth.authorize(&request(
@@ -449,7 +443,7 @@ mod tests {
         );
         assert_eq!(auth.failures(), 0);
         // Only one of the two set: the other stays open.
-        let auth = Auth::new(None, Some(&secret("r")), Role::Master);
+        let auth = Auth::new(None, Some(&secret("r")));
         assert!(auth.authorize(&request("/tern.kv.v1.Kv/Put", None)).is_ok());
         assert!(
             auth.authorize(&request("/tern.replication.v1.Replication/Sync", None))
@@ -459,7 +453,7 @@ mod tests {
 
     #[test]
     fn debug_output_hides_tokens() {
-        let auth = Auth::new(Some(&secret("s3cret-value")), None, Role::Master);
+        let auth = Auth::new(Some(&secret("s3cret-value")), None);
         assert!(!format!("{auth:?}").contains("s3cret"));
         assert!(!format!("{:?}", secret("s3cret-value")).contains("s3cret"));
         let mut md = MetadataMap::new();

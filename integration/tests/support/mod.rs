@@ -28,6 +28,32 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll period of the "wait until" loops.
 pub const POLL: Duration = Duration::from_millis(100);
 
+/// Link timeout and heartbeat for tests that kill or freeze nodes: a dead
+/// link is noticed within 1.5 s.
+pub const FAST_LINK: [(&str, &str); 2] = [
+    ("TERN__SYNC__LINK_TIMEOUT_MS", "1500"),
+    ("TERN__SYNC__HEARTBEAT_MS", "300"),
+];
+
+/// Puts `<prefix><i:05>` = `<prefix>-value-<i>` for `i` in `0..n`, one
+/// request each; returns the last commit index.
+pub async fn put_keys(node: &Node, prefix: &str, n: usize) -> u64 {
+    let mut kv = node.kv();
+    let mut last = 0;
+    for i in 0..n {
+        let r = kv
+            .put(kv::PutRequest {
+                key: format!("{prefix}{i:05}").into_bytes().into(),
+                value: format!("{prefix}-value-{i}").into_bytes().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("put {prefix}{i}: {e}"));
+        last = r.into_inner().index;
+    }
+    last
+}
+
 /// Polls `f` every [`POLL`] until it returns `Ok(Some(v))`; panics with `what`
 /// and the last `Err`/state description after `timeout`. `f` returning
 /// `Ok(None)` means "not yet"; `Err(e)` means "not yet, and here is why" (the

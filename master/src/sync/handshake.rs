@@ -13,7 +13,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tern_common::history::HistoryError;
+use tern_common::history::{Histories, HistoryError};
 use tern_common::position::Position;
 use tern_common::proto::replication::v1 as pb;
 use tern_common::record::EventKind;
@@ -33,6 +33,7 @@ impl SyncShared {
     /// A slave without a history (empty repl id) always gets a full sync.
     fn check_position(
         &self,
+        histories: &Histories,
         position: Option<Position>,
         seq: u64,
     ) -> Result<(), (pb::FullSyncReason, String)> {
@@ -41,7 +42,7 @@ impl SyncShared {
             return Err((R::UnknownReplId, "new slave: full sync".to_string()));
         };
         let index = position.index.get();
-        match self.histories.check(position) {
+        match histories.check(position) {
             Ok(()) => {}
             Err(e @ HistoryError::Unknown(_)) => return Err((R::UnknownReplId, e.to_string())),
             Err(e @ HistoryError::Diverged { .. }) => return Err((R::Diverged, e.to_string())),
@@ -113,8 +114,8 @@ impl SyncShared {
     }
 
     /// The ancestor histories, as TrySyncResponse carries them.
-    fn history_list(&self) -> Vec<pb::History> {
-        self.histories.replication_list()
+    fn history_list(&self, h: &Histories) -> Vec<pb::History> {
+        h.replication_list()
     }
 }
 
@@ -126,6 +127,8 @@ pub(super) struct Accepted {
     pub index: u64,
     /// The session's binlog pin, at `index`.
     pub pin: PinGuard,
+    /// [`SyncShared`]'s history generation the session was accepted in.
+    pub generation: u64,
 }
 
 /// The next message of the stream, checked. `Err` ends the call with that
@@ -186,9 +189,15 @@ pub(super) async fn handshake(
     // below sees it purged. The pin is this session's own: it never replaces
     // another session's of the same slave.
     let pin = shared.pins.pin(format!("{SLAVE_PREFIX}{slave_id}"), index);
+    // The session follows the histories as they are now; if they change (a
+    // slave serving its own slaves adopts its master's), it ends.
+    let generation = shared.generation();
+    let histories = shared.histories();
     let first = shared.progress.first_index.load(Ordering::Acquire);
     let last = shared.progress.last_index.load(Ordering::Acquire);
-    if let Err((reason, message)) = shared.check_position(try_sync.position, try_sync.seq) {
+    if let Err((reason, message)) =
+        shared.check_position(&histories, try_sync.position, try_sync.seq)
+    {
         drop(pin);
         tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
         shared.registry.update_if_gone(&slave_id, |e| {
@@ -198,11 +207,11 @@ pub(super) async fn handshake(
             code: pb::TrySyncCode::NeedFullSync as i32,
             reason: reason as i32,
             message,
-            repl_id: shared.repl_id.to_string(),
+            repl_id: histories.current.to_string(),
             first_index: first,
             last_index: last,
             session_id: 0,
-            histories: shared.history_list(),
+            histories: shared.history_list(&histories),
         };
         let _ = tx
             .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))
@@ -226,11 +235,11 @@ pub(super) async fn handshake(
         code: pb::TrySyncCode::Ok as i32,
         reason: pb::FullSyncReason::Unspecified as i32,
         message: String::new(),
-        repl_id: shared.repl_id.to_string(),
+        repl_id: histories.current.to_string(),
         first_index: first,
         last_index: last,
         session_id,
-        histories: shared.history_list(),
+        histories: shared.history_list(&histories),
     };
     if tx
         .send(master_msg(pb::master_message::Msg::TrySyncResponse(resp)))
@@ -278,5 +287,6 @@ pub(super) async fn handshake(
         session_id,
         index,
         pin,
+        generation,
     }))
 }

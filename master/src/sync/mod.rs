@@ -61,9 +61,13 @@ use registry::SlaveRegistry;
 
 /// State shared by every session of this master.
 pub struct SyncShared {
-    pub repl_id: ReplId,
-    /// The current history and its ancestors (I8): TrySync positions are checked against them.
-    histories: Histories,
+    /// The current history and its ancestors (I8): TrySync positions are
+    /// checked against them. A master's never change while it runs; a slave
+    /// serving its own slaves adopts its master's ([`SyncShared::set_histories`]).
+    histories: std::sync::RwLock<Histories>,
+    /// Bumped by every [`SyncShared::set_histories`]: a session started under
+    /// an older one sends nothing more (its slave must adopt the new history).
+    generation: tokio::sync::watch::Sender<u64>,
     pub progress: Arc<Progress>,
     pub pins: Arc<Pins>,
     pub snapshots: Arc<SnapshotManager>,
@@ -110,8 +114,8 @@ impl SyncShared {
             << 12;
         let (max_sessions, max_db_syncs) = (cfg.max_sessions, cfg.max_db_syncs);
         Arc::new(SyncShared {
-            repl_id: histories.current,
-            histories,
+            histories: std::sync::RwLock::new(histories),
+            generation: tokio::sync::watch::Sender::new(0),
             progress,
             pins,
             snapshots,
@@ -131,6 +135,38 @@ impl SyncShared {
             batches_from_files: AtomicU64::new(0),
             acks: crate::acks::Acks::new(),
         })
+    }
+
+    /// The current history and its ancestors.
+    pub fn histories(&self) -> Histories {
+        self.histories
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The current history's id.
+    pub fn repl_id(&self) -> ReplId {
+        self.histories
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .current
+    }
+
+    /// A slave serving its own slaves adopted new histories from its master:
+    /// called before anything of the new history is in its relay log. Every
+    /// session started before ends before it sends another batch, and its slave
+    /// reconnects and adopts them too.
+    pub fn set_histories(&self, h: Histories) {
+        let mut cur = self.histories.write().unwrap_or_else(|p| p.into_inner());
+        if *cur != h {
+            *cur = h;
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 
     fn new_reader(&self) -> BinlogReader {
@@ -205,6 +241,8 @@ enum Outcome {
     /// The window stayed full with no ack for a link timeout.
     Stalled,
     Shutdown,
+    /// This node adopted a new history (a slave serving its own slaves).
+    HistoryChanged,
 }
 
 /// A counted limit on open streams.
@@ -260,7 +298,7 @@ impl pb::replication_server::Replication for ReplicationService {
             side = "master",
             slave_id = tracing::field::Empty,
             session_id = tracing::field::Empty,
-            repl_id = %self.shared.repl_id,
+            repl_id = %self.shared.repl_id(),
             start_index = tracing::field::Empty,
             outcome = tracing::field::Empty,
             %remote,

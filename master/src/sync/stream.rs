@@ -80,6 +80,8 @@ pub(super) async fn stream(
         reader_at: None,
         next: accepted.index + 1,
         shippable: shared.progress.shippable.clone(),
+        generation: accepted.generation,
+        history: shared.generation.subscribe(),
     };
     let mut reader = ReplyReader {
         shared,
@@ -119,6 +121,10 @@ struct Sender<'a> {
     /// Next index to send.
     next: u64,
     shippable: watch::Receiver<u64>,
+    /// The history generation the session was accepted in.
+    generation: u64,
+    /// The current generation: a change ends the session, idle or not.
+    history: watch::Receiver<u64>,
 }
 
 impl Sender<'_> {
@@ -129,6 +135,10 @@ impl Sender<'_> {
         // Since when the window is full (None: it has room).
         let mut full_since: Option<Instant> = None;
         loop {
+            let now = *self.history.borrow_and_update();
+            if now != self.generation {
+                return Ok(Outcome::HistoryChanged);
+            }
             let upto = *self.shippable.borrow_and_update();
             while self.flow.state().window.has_room() && self.next <= upto {
                 match self.send_batch(upto).await? {
@@ -168,6 +178,7 @@ impl Sender<'_> {
                     }
                 }
                 _ = self.flow.room.notified() => {}
+                _ = self.history.changed() => {}
                 _ = heartbeat.tick() => {
                     let hb = pb::Heartbeat {
                         session_id: self.session_id,
@@ -209,6 +220,11 @@ impl Sender<'_> {
                 None => return Ok(Step::Idle),
             },
         };
+        // Read after it was appended, so after any history change that came
+        // before it: events of a newer history never go out under an older one.
+        if self.shared.generation() != self.generation {
+            return Ok(Step::End(Outcome::HistoryChanged));
+        }
         let (f, l) = (batch.first, batch.last);
         {
             let mut st = self.flow.state();
