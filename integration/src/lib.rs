@@ -22,6 +22,7 @@
 //! (or point `TERN_BIN_DIR` at a directory holding them).
 
 pub mod chaos;
+pub mod failover;
 pub mod node;
 pub mod proxy;
 pub mod repl_bench;

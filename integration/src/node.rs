@@ -510,6 +510,24 @@ impl Node {
         self.wait_ready().await
     }
 
+    /// Sets the value of `flag` (e.g. `--master`) for the next (re)start,
+    /// adding the flag if the node was started without it.
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.into(),
+            _ => {
+                self.args.push(flag.into());
+                self.args.push(value.into());
+            }
+        }
+    }
+
+    /// Environment variable `key` for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
+    }
+
     /// The last `n` lines of this node's log.
     pub fn log_tail(&self, n: usize) -> String {
         match std::fs::read(&self.log_path) {

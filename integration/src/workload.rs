@@ -485,6 +485,10 @@ pub struct Workload {
     pub counters: Counters,
     pub appends: AppendLog,
     next_client: AtomicU64,
+    /// `min_replicas` of every write (0: the master's default).
+    min_replicas: u32,
+    /// `replica_timeout_ms` of every write (0: the master's default).
+    replica_timeout_ms: u32,
     /// Cuts made so far ([`Workload::lose_after`]); a request is sent "after"
     /// the ones counted when it starts.
     cuts: AtomicUsize,
@@ -502,7 +506,8 @@ pub struct LoadStats {
 }
 
 impl LoadStats {
-    fn merge(&mut self, o: LoadStats) {
+    /// Adds the outcomes of another load.
+    pub fn merge(&mut self, o: LoadStats) {
         self.acked += o.acked;
         self.failed += o.failed;
         for (k, v) in o.errors {
@@ -531,10 +536,25 @@ pub struct Load {
 impl Workload {
     /// `counter_keys` counters `c<i>` and `append_keys` append keys `a<i>`.
     pub fn new(counter_keys: usize, append_keys: usize) -> Arc<Workload> {
+        Workload::semi_sync("", counter_keys, append_keys, 0, 0)
+    }
+
+    /// Keys `<prefix>c<i>` and `<prefix>a<i>`; every write asks for
+    /// `min_replicas` slaves within `replica_timeout_ms` (semi-synchronous
+    /// writes; a timeout answer is an error, so the write is uncertain).
+    pub fn semi_sync(
+        prefix: &str,
+        counter_keys: usize,
+        append_keys: usize,
+        min_replicas: u32,
+        replica_timeout_ms: u32,
+    ) -> Arc<Workload> {
         Arc::new(Workload {
-            counters: Counters::new("c", counter_keys),
-            appends: AppendLog::new("a", append_keys),
+            counters: Counters::new(&format!("{prefix}c"), counter_keys),
+            appends: AppendLog::new(&format!("{prefix}a"), append_keys),
             next_client: AtomicU64::new(1),
+            min_replicas,
+            replica_timeout_ms,
             cuts: AtomicUsize::new(0),
         })
     }
@@ -608,7 +628,8 @@ impl Workload {
                     .incr_by(kv::IncrByRequest {
                         key: self.counters.key(k),
                         delta,
-                        ..Default::default()
+                        min_replicas: self.min_replicas,
+                        replica_timeout_ms: self.replica_timeout_ms,
                     })
                     .await
                     .map(|r| r.into_inner().index);
@@ -623,7 +644,8 @@ impl Workload {
                     .append(kv::AppendRequest {
                         key: self.appends.key(k),
                         value: Bytes::from(token.clone()),
-                        ..Default::default()
+                        min_replicas: self.min_replicas,
+                        replica_timeout_ms: self.replica_timeout_ms,
                     })
                     .await
                     .map(|r| r.into_inner().index);
@@ -644,7 +666,8 @@ impl Workload {
                 let r = kv
                     .txn(kv::TxnRequest {
                         ops: vec![op(a, da), op(b, db)],
-                        ..Default::default()
+                        min_replicas: self.min_replicas,
+                        replica_timeout_ms: self.replica_timeout_ms,
                     })
                     .await
                     .map(|r| r.into_inner().index);
