@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// one of them (mutual TLS). Needs `tls_cert`.
     #[serde(default)]
     pub tls_client_ca: Option<PathBuf>,
+    /// Address of the Redis-protocol (RESP2) front, `HOST:PORT`; unset = off.
+    #[serde(default)]
+    pub resp_listen: Option<String>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -534,6 +537,13 @@ impl Config {
         let s = &self.server;
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             return bad("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if let Some(r) = &s.resp_listen
+            && r.parse::<SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "server.resp_listen {r:?} is not HOST:PORT with a numeric host (e.g. 127.0.0.1:6379)"
+            ));
         }
         if s.tls_client_ca.is_some() && s.tls_cert.is_none() {
             return bad(

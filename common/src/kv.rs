@@ -50,10 +50,34 @@ pub const MAX_SCAN_LIMIT: u32 = 100_000;
 /// One operation of a write; a request is a list of them run as one transaction.
 #[derive(Clone, Debug)]
 pub enum WriteOp {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
-    IncrBy { key: Bytes, delta: i64 },
-    Append { key: Bytes, value: Bytes },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    IncrBy {
+        key: Bytes,
+        delta: i64,
+    },
+    Append {
+        key: Bytes,
+        value: Bytes,
+    },
+    /// Put only if the key exists (`exists`) or does not (Redis SET XX / NX);
+    /// otherwise nothing is written.
+    PutIf {
+        key: Bytes,
+        value: Bytes,
+        exists: bool,
+    },
+    /// Reads the key's value inside the transaction (what the ops before it
+    /// left, or the committed value); writes nothing. Redis reads inside
+    /// MULTI/EXEC.
+    Get {
+        key: Bytes,
+    },
 }
 
 /// What one operation produced.
@@ -63,6 +87,10 @@ pub enum OpOutcome {
     Delete,
     IncrBy(i64),
     Append(u64),
+    /// Whether a [`WriteOp::PutIf`] wrote.
+    PutIf(bool),
+    /// The value a [`WriteOp::Get`] read.
+    Value(Option<Bytes>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,6 +242,7 @@ impl ReadFloor {
     }
 }
 
+#[derive(Clone)]
 pub struct KvService {
     state: State,
     applied: watch::Receiver<u64>,
@@ -273,7 +302,18 @@ impl KvService {
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
     }
 
-    fn writer(&self) -> Result<&Arc<dyn Writer>, Status> {
+    /// The node's state (reads of the RESP front).
+    pub(crate) fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Waits until reads may be served (a replica below its read floor
+    /// waits [`FLOOR_WAIT_MS`], then UNAVAILABLE).
+    pub(crate) async fn reads_ready(&self) -> Result<(), Status> {
+        self.wait_applied(0, 0, None).await
+    }
+
+    pub(crate) fn writer(&self) -> Result<&Arc<dyn Writer>, Status> {
         self.writer.as_ref().ok_or_else(|| {
             Status::failed_precondition("read-only replica: send writes to the master")
         })
@@ -477,6 +517,10 @@ fn results_to_wire(out: &WriteOutcome) -> Vec<pb::OpResult> {
                     index: out.index,
                     replicas_acked: 0,
                 }),
+                // Not in the gRPC Txn (only the RESP front sends these ops).
+                OpOutcome::PutIf(_) | OpOutcome::Value(_) => {
+                    pb::op_result::Result::Put(pb::PutResult {})
+                }
             }),
         })
         .collect()

@@ -30,6 +30,7 @@ pub mod position;
 pub mod proto;
 pub mod record;
 pub mod replay;
+pub mod resp;
 pub mod server;
 pub mod signals;
 pub mod state;

@@ -397,6 +397,22 @@ impl State {
 
     /// A deterministic digest of every key and value, with the applied index it
     /// covers, read from one RocksDB snapshot.
+    /// Keys in the keyspace now (a pass over every key; values are not
+    /// read into the block cache). The RESP front's DBSIZE.
+    pub fn count_keys(&self) -> Result<u64, StateError> {
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        let mut it = self.inner.db.raw_iterator_opt(ro);
+        it.seek_to_first();
+        let mut keys = 0u64;
+        while it.valid() {
+            keys += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(keys)
+    }
+
     pub fn checksum(&self) -> Result<KeyspaceChecksum, StateError> {
         let snap = self.inner.db.snapshot();
         let index = self.index_at(&snap)?;

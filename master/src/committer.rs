@@ -757,6 +757,16 @@ impl Committer {
                 );
                 next_index += 1;
             };
+            if writes.is_empty() {
+                // Nothing to log (reads, or conditional puts that did not
+                // apply): answered at the index committed before it.
+                answers.push(Ok(WriteOutcome {
+                    index: next_index - 1,
+                    results,
+                    replicas: Default::default(),
+                }));
+                continue;
+            }
             push(EventKind::Begin { seq, commit_ts });
             for (key, value) in &writes {
                 match value {
@@ -937,6 +947,17 @@ impl Committer {
                     txn.append(key, value)?;
                     OpOutcome::Append(len as u64)
                 }
+                WriteOp::PutIf { key, value, exists } => {
+                    let present = txn.current(key, read)?.bytes().is_some();
+                    if present == *exists {
+                        txn.set(key, Pending::Shared(value.clone()))?;
+                    }
+                    OpOutcome::PutIf(present == *exists)
+                }
+                WriteOp::Get { key } => {
+                    let v = txn.current(key, read)?.bytes().map(Bytes::copy_from_slice);
+                    OpOutcome::Value(v)
+                }
             };
             results.push(outcome);
         }
@@ -976,7 +997,10 @@ impl Pending {
 #[derive(Default)]
 struct TxnValues {
     values: HashMap<Bytes, Pending>,
+    /// Keys in the order first touched (read or written).
     order: Vec<Bytes>,
+    /// Keys written (set or appended to): only these are logged.
+    written: std::collections::HashSet<Bytes>,
     /// Keys plus final values of every touched key.
     write_bytes: usize,
     /// Stored values read into the transaction.
@@ -1012,6 +1036,7 @@ impl TxnValues {
     }
 
     fn set(&mut self, key: &Bytes, value: Pending) -> Result<(), WriteError> {
+        self.written.insert(key.clone());
         self.insert(key, value).map(drop)
     }
 
@@ -1022,6 +1047,7 @@ impl TxnValues {
                 "append to a key the transaction has not read".into(),
             ));
         };
+        self.written.insert(key.clone());
         match slot {
             Pending::Owned(v) => v.extend_from_slice(tail),
             other => {
@@ -1060,11 +1086,13 @@ impl TxnValues {
         Ok(())
     }
 
-    /// The after-images, each key once with its final value, in the order
-    /// first touched.
+    /// The after-images of the keys written, each once with its final
+    /// value, in the order first touched (keys only read are not logged).
     fn into_writes(mut self) -> Vec<(Bytes, Option<Bytes>)> {
+        let written = std::mem::take(&mut self.written);
         self.order
             .into_iter()
+            .filter(|k| written.contains(k))
             .map(|k| {
                 let v = match self.values.remove(&k) {
                     Some(Pending::Shared(b)) => Some(b),
@@ -1132,6 +1160,16 @@ mod tests {
             t.into_writes(),
             vec![(b("k"), Some(Bytes::from(want))), (b("d"), None)]
         );
+    }
+
+    #[test]
+    fn keys_only_read_are_not_logged() {
+        let mut t = TxnValues::default();
+        t.current(&b("read"), |_| Ok(Some(b("1")))).unwrap();
+        t.current(&b("absent"), |_| Ok(None)).unwrap();
+        t.current(&b("w"), |_| Ok(None)).unwrap();
+        t.set(&b("w"), Pending::Shared(b("2"))).unwrap();
+        assert_eq!(t.into_writes(), vec![(b("w"), Some(b("2")))]);
     }
 
     #[test]

@@ -415,7 +415,12 @@ pub async fn run(
     )
     .with_shutdown(shutdown.clone())
     .with_request_timeout(Duration::from_millis(cfg.server.request_timeout_ms));
-    let wait = WaitControl::new(semi, sync.acks.clone(), progress.clone(), shutdown.clone());
+    let wait = Arc::new(WaitControl::new(
+        semi,
+        sync.acks.clone(),
+        progress.clone(),
+        shutdown.clone(),
+    ));
     let info = Arc::new(MasterInfo {
         histories,
         progress: progress.clone(),
@@ -427,8 +432,20 @@ pub async fn run(
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
     serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
     serve_opts.secure(&cfg)?;
+    let resp = tern_common::resp::start(
+        &cfg.server,
+        tern_common::resp::RespNode {
+            kv: kv.clone(),
+            info: info.clone(),
+            control: wait.clone(),
+            auth: serve_opts.auth.clone(),
+            max_connections: cfg.server.max_connections,
+            idle_timeout: cfg.server.idle_timeout(),
+        },
+        shutdown.clone(),
+    )?;
     let admin = AdminService::new(state.clone(), info)
-        .with_control(Arc::new(wait))
+        .with_control(wait)
         .with_connections(serve_opts.connections.clone())
         .with_auth(serve_opts.auth.clone());
     let mut routes = tonic::service::Routes::builder();
@@ -437,6 +454,10 @@ pub async fn run(
     routes.add_service(ReplicationService::new(sync).into_server());
     let served =
         tern_common::server::serve(listener, routes.routes(), serve_opts, shutdown.clone()).await;
+    // The RESP front's connections hold the write path too.
+    if let Some(resp) = resp {
+        let _ = resp.await;
+    }
     // Snapshots are not kept across a stop (a restart removes them anyway).
     let _ = snapshot_gc.await;
     snapshots.remove_everything().await;

@@ -457,6 +457,7 @@ async fn run_once(
     };
     let kv = KvService::new(state.clone(), applier.applied.clone(), None)
         .with_read_floor(read_floor.clone());
+    let kv_resp = kv.clone();
     let info = Arc::new(SlaveInfo {
         downstream: downstream.clone(),
         read_floor,
@@ -474,6 +475,18 @@ async fn run_once(
         master: master.clone(),
         slave: cfg.slave.clone(),
     });
+    let resp = tern_common::resp::start(
+        &cfg.server,
+        tern_common::resp::RespNode {
+            kv: kv_resp,
+            info: info.clone(),
+            control: control.clone(),
+            auth: serve_opts.auth.clone(),
+            max_connections: cfg.server.max_connections,
+            idle_timeout: cfg.server.idle_timeout(),
+        },
+        shutdown.clone(),
+    )?;
     let admin = AdminService::new(state.clone(), info)
         .with_control(control)
         .with_connections(serve_opts.connections.clone())
@@ -484,6 +497,9 @@ async fn run_once(
     routes.add_service(tern_master::sync::ReplicationService::new(downstream).into_server());
     let served =
         tern_common::server::serve(listener, routes.routes(), serve_opts, shutdown.clone()).await;
+    if let Some(resp) = resp {
+        let _ = resp.await;
+    }
     let _ = snapshot_gc.await;
     snapshots.remove_everything().await;
     // serve returned at most server.shutdown_timeout_ms after `shutdown`,

@@ -209,6 +209,31 @@ impl Auth {
         }
     }
 
+    /// Whether clients must present `auth.token` (the RESP front asks for
+    /// `AUTH` first).
+    pub fn client_token_required(&self) -> bool {
+        self.inner.client.is_some()
+    }
+
+    /// Checks a client token sent some other way than a bearer header (the
+    /// RESP front's `AUTH`), in constant time; a wrong one is counted in
+    /// `auth_failures`. `true` when no token is required.
+    pub fn check_client_token(&self, token: &[u8]) -> bool {
+        let Some(expected) = &self.inner.client else {
+            return true;
+        };
+        let ok = bool::from(digest(token).ct_eq(expected));
+        if !ok {
+            self.count_failure();
+        }
+        ok
+    }
+
+    /// Counts a refused authentication (`auth_failures`).
+    pub fn count_failure(&self) {
+        self.inner.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn expected(&self, need: Need) -> Option<&TokenDigest> {
         match need {
             Need::Open => None,
