@@ -23,19 +23,24 @@
 #   f. 1 client, write + wait for 1 replica (semi-synchronous): Redis SET then
 #      WAIT 1 0 per write (redis-lag --wait-replicas 1); tern Put with
 #      min_replicas=1 (tern-bench kv --min-replicas 1, with TERN_KV_FLAGS as
-#      row b); p50 and p99.
+#      row b); p50 and p99;
+#   g. redis-benchmark against both, the same command line for each: Redis, and
+#      tern's RESP front (server.resp_listen on the tern master):
+#      `redis-benchmark -t set -d 100 -r 100000 -c 50 -n N`, and with -P 16
+#      (N sized from probes to last about DURATION, as for Redis in rows a-c).
 #
 # Usage: scripts/bench-vs-redis.sh
 #   env: DURATION=10s (per run) ROUNDS=2 CONNECTIONS=8 CLIENT_THREADS=1 TERN_KV_FLAGS="--pipeline 1"
-#        ROWS=a,b,c,d,e,f (rows to run; e needs a and runs it too)
+#        ROWS=a,b,c,d,e,f,g (rows to run; e needs a and runs it too; g needs
+#        tern binaries with the RESP front)
 #        TERN_BIN_DIR=DIR (use the tern-* and redis-lag binaries in DIR, copied
 #        aside, instead of building: a build in the shared target directory
 #        cannot change them mid-run)
 # Progress goes to stderr; markdown tables (one per round, then the summary) to
-# stdout. Takes about 30 x DURATION plus set-up (~6 minutes at 10s).
+# stdout. Takes about 35 x DURATION plus set-up (~7 minutes at 10s).
 set -euo pipefail
 # Rows asked for (read before ROWS is reused for the table below).
-SELECT=",${ROWS:-a,b,c,d,e,f},"
+SELECT=",${ROWS:-a,b,c,d,e,f,g},"
 [[ $SELECT != *,e,* ]] || SELECT="$SELECT,a,"
 want() { [[ $SELECT == *",$1,"* ]]; }
 
@@ -112,15 +117,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Four distinct free ports, reused by every round.
+# Five distinct free ports, reused by every round.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 PORTS=()
 next=$((20000 + RANDOM % 20000))
-while [[ ${#PORTS[@]} -lt 4 ]]; do
+while [[ ${#PORTS[@]} -lt 5 ]]; do
     port_in_use "$next" || PORTS+=("$next")
     next=$((next + 1))
 done
 RM_PORT=${PORTS[0]} RR_PORT=${PORTS[1]} TM_PORT=${PORTS[2]} TS_PORT=${PORTS[3]}
+TM_RESP=${PORTS[4]} # the tern master's RESP front (row g)
 TM_URL="http://127.0.0.1:$TM_PORT" TS_URL="http://127.0.0.1:$TS_PORT"
 
 stop() { # stop PID: SIGTERM and reap
@@ -153,35 +159,38 @@ redis_start() {
     until_ok 30 "redis $role on $port" redis_up "$port"
 }
 
-# tern_start ROLE PORT [--master URL]: sets LAST_PID.
+# tern_start ROLE PORT [--master URL]: sets LAST_PID. With row g, the master
+# also serves RESP on TM_RESP.
 tern_start() {
-    local role="$1" port="$2" dir="$WORK/r$ROUND-tern-$1"; shift 2
-    TERN__BINLOG__FSYNC=always "$BIN/tern-$role" --listen "127.0.0.1:$port" \
+    local role="$1" port="$2" dir="$WORK/r$ROUND-tern-$1" resp=(); shift 2
+    if [[ $role == master ]] && want g; then resp=("TERN__SERVER__RESP_LISTEN=127.0.0.1:$TM_RESP"); fi
+    env TERN__BINLOG__FSYNC=always "${resp[@]}" "$BIN/tern-$role" --listen "127.0.0.1:$port" \
         --data-dir "$dir" "$@" >"$dir.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     "$BIN/tern-bench" wait --target "http://127.0.0.1:$port" --timeout 60s >&2 ||
         { tail -n 20 "$dir.log" >&2; exit 1; }
+    if ((${#resp[@]})); then until_ok 30 "tern RESP on $TM_RESP" redis_up "$TM_RESP"; fi
 }
 
-# redis_bench CLIENTS PIPELINE: redis-benchmark SET for about DURATION, its -n
-# sized from probes (x4 requests until one lasts 0.5 s: a short burst of
+# redis_bench CLIENTS PIPELINE [PORT]: redis-benchmark SET (on the Redis master,
+# or PORT) for about DURATION, its -n sized from probes (x4 requests until one lasts 0.5 s: a short burst of
 # fsync=always writes runs much faster than the sustained rate); prints
 # "ops_per_sec p50_us".
 redis_bench() {
-    local c="$1" p="$2" probe rps n
+    local c="$1" p="$2" port="${3:-$RM_PORT}" probe rps n
     probe=$(((c * p * 20) > 500 ? c * p * 20 : 500))
     while :; do
-        rps="$(redis_bench_n "$c" "$p" "$probe" | cut -d' ' -f1)"
+        rps="$(redis_bench_n "$c" "$p" "$probe" "$port" | cut -d' ' -f1)"
         awk -v n="$probe" -v r="$rps" 'BEGIN { exit !(n < 0.5 * r && n < 10000000) }' || break
         probe=$((probe * 4))
     done
     n="$(awk -v r="$rps" -v s="$DUR_SECS" 'BEGIN { n = int(r * s); print (n < 1000 ? 1000 : n) }')"
-    say "  redis-benchmark -c $c -P $p -n $n (probe: $rps req/s)"
-    redis_bench_n "$c" "$p" "$n"
+    say "  redis-benchmark -p $port -c $c -P $p -n $n (probe: $rps req/s)"
+    redis_bench_n "$c" "$p" "$n" "$port"
 }
-redis_bench_n() { # CLIENTS PIPELINE REQUESTS
-    redis-benchmark -h 127.0.0.1 -p "$RM_PORT" -t set -d "$VALUE_SIZE" -r "$KEYS" \
+redis_bench_n() { # CLIENTS PIPELINE REQUESTS [PORT]
+    redis-benchmark -h 127.0.0.1 -p "${4:-$RM_PORT}" -t set -d "$VALUE_SIZE" -r "$KEYS" \
         -c "$1" -P "$2" -n "$3" --csv |
         awk -F'"' '$2 == "SET" { printf "%.1f %.0f\n", $4, $10 * 1000; found = 1 }
             END { exit !found }'
@@ -308,6 +317,17 @@ row_f() {
     put "$1" f_p99 "${r[3]}"
 }
 
+# g: the same redis-benchmark command lines against Redis and tern's RESP front.
+row_g() {
+    local port=$RM_PORT r
+    [[ $1 == R ]] || port=$TM_RESP
+    r=($(redis_bench "$CLIENTS" 1 "$port"))
+    put "$1" g_ops "${r[0]}"
+    put "$1" g_p50 "${r[1]}"
+    r=($(redis_bench "$CLIENTS" 16 "$port"))
+    put "$1" g_pipe "${r[0]}"
+}
+
 # Table rows: KEY|LABEL|UNIT (the ratio is tern/Redis of the two values).
 ROWS=()
 want a && ROWS+=(
@@ -340,6 +360,11 @@ want f && ROWS+=(
     "f_ops|f. 1 client, write + wait for 1 replica: writes/s (Redis SET + WAIT 1 0; tern min_replicas=1)|/s"
     "f_p50|f. 1 client, write + wait for 1 replica: p50 us (lower is better)|us"
     "f_p99|f. 1 client, write + wait for 1 replica: p99 us (lower is better)|us"
+)
+want g && ROWS+=(
+    "g_ops|g. redis-benchmark -t set -c $CLIENTS (RESP on both): writes/s|/s"
+    "g_p50|g. redis-benchmark -t set -c $CLIENTS (RESP on both): p50 us (lower is better)|us"
+    "g_pipe|g. redis-benchmark -t set -c $CLIENTS -P 16 (RESP on both): writes/s|/s"
 )
 ratio() { awk -v t="$1" -v r="$2" 'BEGIN { if (r > 0 && t != "") printf "%.2f", t / r; else print "n/a" }'; }
 median() { # values... (n/a and empty skipped)
@@ -378,6 +403,8 @@ echo "  redis-lag (GET polled on the replica until it returns the value; back to
 echo "  1 ms, then 100 us apart); both $CLIENTS writer clients, one write in 10 sampled"
 echo "- semi-sync (row f): redis-lag --wait-replicas 1 (SET then WAIT 1 0 on one connection) vs"
 echo "  tern-bench kv --concurrency 1 --min-replicas 1 (mode as row b)"
+echo "- RESP (row g): redis-benchmark -t set -d $VALUE_SIZE -r $KEYS -c $CLIENTS [-P 16] -n N, the same"
+echo "  command line against Redis and against the tern master's RESP front (server.resp_listen)"
 echo "- rows: ${SELECT//,/ }"
 
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
@@ -390,7 +417,7 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     until_ok 120 "redis replica link" replica_linked "$RR_PORT"
     tern_start slave "$TS_PORT" --master "$TM_URL"; TS_PID=$LAST_PID
     "$BIN/tern-bench" wait-synced --master "$TM_URL" --slave "$TS_URL" --timeout 120s >&2
-    for row in a b c e f; do
+    for row in a b c e f g; do
         want "$row" || continue
         if [[ $row == e ]]; then fns=(row_half row_sat); else fns=("row_$row"); fi
         for fn in "${fns[@]}"; do
