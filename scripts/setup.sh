@@ -7,6 +7,9 @@
 #    redis-cli and redis-benchmark (Debian redis-tools), nutcracker
 #    (twemproxy; Debian installs it as /usr/sbin/nutcracker) and Python's
 #    redis module (Debian python3-redis)
+#  - podman, podman-compose, debootstrap and what podman needs as root on
+#    Debian 12 (runc, netavark, aardvark-dns, iptables, slirp4netns), for
+#    integration/tests/containers.rs (see scripts/containers.sh)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -66,6 +69,8 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   hash -r
   command -v grpcurl >/dev/null 2>&1 || echo "setup: warning: grpcurl not on PATH after install" >&2
 fi
+
+bash "$(dirname "$0")/containers.sh" install
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
