@@ -145,18 +145,26 @@ impl BoundaryParser {
                     Step::InTxn,
                 ))
             }
-            (ParserState::Outside, EventKind::Put { .. } | EventKind::Delete { .. }) => {
-                Err(BoundaryError::DataOutsideTxn { index })
-            }
+            (
+                ParserState::Outside,
+                EventKind::Put { .. }
+                | EventKind::Delete { .. }
+                | EventKind::VerifyPoint
+                | EventKind::VerifyDigest { .. },
+            ) => Err(BoundaryError::DataOutsideTxn { index }),
             (ParserState::Outside, EventKind::Commit { .. }) => {
                 Err(BoundaryError::CommitOutsideTxn { index })
             }
             (ParserState::InTxn { .. }, EventKind::Begin { .. }) => {
                 Err(BoundaryError::BeginInTxn { index })
             }
-            (ParserState::InTxn { .. }, EventKind::Put { .. } | EventKind::Delete { .. }) => {
-                Ok((self.state.clone(), Step::InTxn))
-            }
+            (
+                ParserState::InTxn { .. },
+                EventKind::Put { .. }
+                | EventKind::Delete { .. }
+                | EventKind::VerifyPoint
+                | EventKind::VerifyDigest { .. },
+            ) => Ok((self.state.clone(), Step::InTxn)),
             (ParserState::InTxn { seq: begin_seq, .. }, EventKind::Commit { seq }) => {
                 if seq != begin_seq {
                     return Err(BoundaryError::CommitSeqMismatch {

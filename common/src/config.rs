@@ -166,6 +166,10 @@ pub struct SyncConfig {
     /// `Admin.Wait` for its replicas) when its request says 0, in
     /// milliseconds. Below `server.request_timeout_ms`.
     pub replica_timeout_ms: u64,
+    /// Master: online consistency checks every this many seconds (0 = off):
+    /// a check point in the binlog, then the master's keyspace digest at it,
+    /// which each slave compares with its own.
+    pub verify_interval_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -183,6 +187,7 @@ impl Default for SyncConfig {
             fullsync_bytes_per_sec: 0,
             min_replicas: 0,
             replica_timeout_ms: 10_000,
+            verify_interval_secs: 0,
         }
     }
 }
@@ -211,6 +216,9 @@ pub struct SlaveConfig {
     pub apply_workers: Option<usize>,
     /// Wipe and full-sync when this slave is found ahead of its master.
     pub resync_when_ahead: bool,
+    /// Stop serving reads when a consistency check finds this slave's data
+    /// different from the master's, until it is resynced.
+    pub stop_reads_on_mismatch: bool,
     /// Stable id of this slave (default: derived from the listen address).
     pub id: Option<String>,
     /// Sent to the master as `authorization: Bearer <token>` on Sync and
@@ -233,6 +241,7 @@ impl Default for SlaveConfig {
             master: "http://127.0.0.1:7400".into(),
             apply_workers: None,
             resync_when_ahead: false,
+            stop_reads_on_mismatch: true,
             id: None,
             master_token: None,
             master_token_file: None,

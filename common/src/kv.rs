@@ -78,6 +78,10 @@ pub enum WriteOp {
     Get {
         key: Bytes,
     },
+    /// The master's own online consistency check (never from a client): a
+    /// check point (`None`), or the digest of an earlier one
+    /// (`Some((point, sha256, keys))`). Logged as its own transaction.
+    Verify(Option<(u64, Bytes, u64)>),
 }
 
 /// What one operation produced.
@@ -228,17 +232,32 @@ const PIPELINE_PERMIT_BYTES: usize = 1024;
 pub struct ReadFloor {
     pub index: u64,
     pub refused: Arc<AtomicU64>,
+    /// Set when a consistency check found this replica's data different from
+    /// its master's (`slave.stop_reads_on_mismatch`): no read is served
+    /// until it is resynced.
+    pub stopped: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ReadFloor {
     /// Why reads are refused at `applied`; `None` when they are served.
     pub fn blocked(&self, applied: u64) -> Option<String> {
+        if let Some(why) = self.stopped_reason() {
+            return Some(why);
+        }
         (applied < self.index).then(|| {
             format!(
                 "replica is catching up to the state it already served: applied {applied} < {}",
                 self.index
             )
         })
+    }
+
+    /// Why reads are stopped after a failed consistency check.
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -359,6 +378,12 @@ impl KvService {
         wait_ms: u32,
         slot: Option<Arc<Slot>>,
     ) -> Result<(), Status> {
+        if let Some(f) = &self.floor
+            && let Some(why) = f.stopped_reason()
+        {
+            f.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unavailable(why));
+        }
         let floor = self.floor.as_ref().map_or(0, |f| f.index);
         let target = min_index.max(floor);
         let applied = *self.applied.borrow();

@@ -68,7 +68,8 @@ pub enum RecordError {
     Invalid(String),
 }
 
-/// What an event does. A transaction is `Begin · (Put | Delete)* · Commit`.
+/// What an event does. A transaction is `Begin · (Put | Delete | VerifyPoint
+/// | VerifyDigest)* · Commit`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
     /// Opens transaction `seq` (contiguous from 1); `commit_ts` is the
@@ -80,6 +81,16 @@ pub enum EventKind {
     Delete { key: Bytes },
     /// Closes transaction `seq`; its index is a transaction boundary.
     Commit { seq: u64 },
+    /// Online consistency check: the transaction holding it ends at a check
+    /// point, digested by every node right after applying it. Writes nothing.
+    VerifyPoint,
+    /// The master's keyspace digest (SHA-256, 32 bytes) and key count at an
+    /// earlier check point. Writes nothing.
+    VerifyDigest {
+        point: u64,
+        digest: Bytes,
+        keys: u64,
+    },
 }
 
 /// The kind of an event without its fields; see [`peek`].
@@ -89,6 +100,8 @@ pub enum KindTag {
     Put,
     Delete,
     Commit,
+    VerifyPoint,
+    VerifyDigest,
 }
 
 /// One binlog event, validated: `index >= 1`, and a `Begin`/`Commit` has
@@ -110,6 +123,8 @@ impl EventKind {
             EventKind::Put { .. } => KindTag::Put,
             EventKind::Delete { .. } => KindTag::Delete,
             EventKind::Commit { .. } => KindTag::Commit,
+            EventKind::VerifyPoint => KindTag::VerifyPoint,
+            EventKind::VerifyDigest { .. } => KindTag::VerifyDigest,
         }
     }
 
@@ -122,6 +137,12 @@ impl EventKind {
             EventKind::Put { key, value } => bytes_field_len(key) + bytes_field_len(value),
             EventKind::Delete { key } => bytes_field_len(key),
             EventKind::Commit { seq } => varint_field_len(*seq),
+            EventKind::VerifyPoint => 0,
+            EventKind::VerifyDigest {
+                point,
+                digest,
+                keys,
+            } => varint_field_len(*point) + bytes_field_len(digest) + varint_field_len(*keys),
         }
     }
 }
@@ -134,6 +155,8 @@ impl KindTag {
             KindTag::Put => 0x1a,
             KindTag::Delete => 0x22,
             KindTag::Commit => 0x2a,
+            KindTag::VerifyPoint => 0x32,
+            KindTag::VerifyDigest => 0x3a,
         }
     }
 
@@ -143,6 +166,8 @@ impl KindTag {
             0x1a => Some(KindTag::Put),
             0x22 => Some(KindTag::Delete),
             0x2a => Some(KindTag::Commit),
+            0x32 => Some(KindTag::VerifyPoint),
+            0x3a => Some(KindTag::VerifyDigest),
             _ => None,
         }
     }
@@ -237,6 +262,22 @@ impl TryFrom<pb::Event> for Event {
                 }
                 EventKind::Commit { seq: c.seq }
             }
+            Some(Kind::VerifyPoint(_)) => EventKind::VerifyPoint,
+            Some(Kind::VerifyDigest(d)) => {
+                if d.point == 0 || d.digest.len() != 32 {
+                    return Err(RecordError::Invalid(format!(
+                        "VerifyDigest at index {} has point {} and a {}-byte digest",
+                        ev.index,
+                        d.point,
+                        d.digest.len()
+                    )));
+                }
+                EventKind::VerifyDigest {
+                    point: d.point,
+                    digest: d.digest,
+                    keys: d.keys,
+                }
+            }
         };
         Ok(Event {
             index: ev.index,
@@ -259,6 +300,16 @@ impl From<&Event> for pb::Event {
             }),
             EventKind::Delete { key } => Kind::Delete(pb::Delete { key: key.clone() }),
             EventKind::Commit { seq } => Kind::Commit(pb::Commit { seq: *seq }),
+            EventKind::VerifyPoint => Kind::VerifyPoint(pb::VerifyPoint {}),
+            EventKind::VerifyDigest {
+                point,
+                digest,
+                keys,
+            } => Kind::VerifyDigest(pb::VerifyDigest {
+                point: *point,
+                digest: digest.clone(),
+                keys: *keys,
+            }),
         };
         pb::Event {
             index: ev.index,
@@ -300,6 +351,16 @@ pub fn encode_record(ev: &Event, out: &mut Vec<u8>) {
         }
         EventKind::Delete { key } => put_bytes_field(out, 0x0a, key),
         EventKind::Commit { seq } => put_varint_field(out, 0x08, *seq),
+        EventKind::VerifyPoint => {}
+        EventKind::VerifyDigest {
+            point,
+            digest,
+            keys,
+        } => {
+            put_varint_field(out, 0x08, *point);
+            put_bytes_field(out, 0x12, digest);
+            put_varint_field(out, 0x18, *keys);
+        }
     }
     debug_assert_eq!(out.len() - start - HEADER_LEN, payload_len);
     let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
@@ -625,6 +686,18 @@ mod tests {
             Event::delete(6, Bytes::new()),
             Event::commit(7, 1),
             Event::commit(1 << 40, 1 << 35),
+            Event {
+                index: 1,
+                kind: EventKind::VerifyPoint,
+            },
+            Event {
+                index: u64::MAX,
+                kind: EventKind::VerifyDigest {
+                    point: 1 << 33,
+                    digest: Bytes::from(vec![0xab; 32]),
+                    keys: 0,
+                },
+            },
         ]
     }
 
@@ -852,6 +925,24 @@ mod tests {
     }
 
     #[test]
+    fn a_verify_digest_must_name_a_point_and_hold_32_bytes() {
+        for (point, len) in [(0, 32), (5, 31), (5, 0), (5, 33)] {
+            let pb = pb::Event {
+                index: 9,
+                kind: Some(pb::event::Kind::VerifyDigest(pb::VerifyDigest {
+                    point,
+                    digest: Bytes::from(vec![1; len]),
+                    keys: 3,
+                })),
+            };
+            assert!(
+                matches!(Event::try_from(pb), Err(RecordError::Invalid(_))),
+                "point {point}, {len} bytes"
+            );
+        }
+    }
+
+    #[test]
     fn peek_rejects_foreign_layouts() {
         assert_eq!(peek(&[]), None);
         assert_eq!(peek(&[0; HEADER_LEN]), None);
@@ -859,7 +950,7 @@ mod tests {
         rec.extend_from_slice(&[0x08, 0x80]); // unterminated varint
         assert_eq!(peek(&rec), None);
         let mut rec = vec![0; HEADER_LEN];
-        rec.extend_from_slice(&[0x08, 0x05, 0x3a]); // unknown kind field 7
+        rec.extend_from_slice(&[0x08, 0x05, 0x42]); // unknown kind field 8
         assert_eq!(peek(&rec), None);
     }
 }

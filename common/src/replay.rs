@@ -27,12 +27,16 @@ pub enum ReplayError {
     Gap { applied: u64, first: u64, last: u64 },
 }
 
-/// Adds the data effect of one event (Put/Delete) to a batch; Begin/Commit add nothing.
+/// Adds the data effect of one event (Put/Delete) to a batch; Begin, Commit
+/// and the consistency-check events add nothing.
 pub fn add_to_batch(batch: &mut GroupBatch, ev: &Event) {
     match &ev.kind {
         EventKind::Put { key, value } => batch.put(key, value),
         EventKind::Delete { key } => batch.delete(key),
-        EventKind::Begin { .. } | EventKind::Commit { .. } => {}
+        EventKind::Begin { .. }
+        | EventKind::Commit { .. }
+        | EventKind::VerifyPoint
+        | EventKind::VerifyDigest { .. } => {}
     }
 }
 

@@ -414,7 +414,16 @@ impl State {
     }
 
     pub fn checksum(&self) -> Result<KeyspaceChecksum, StateError> {
+        self.checksum_with(|| {})
+    }
+
+    /// [`checksum`](Self::checksum), calling `taken` as soon as the
+    /// snapshot it reads is taken: a caller that holds writes back until
+    /// then gets the digest of the state exactly as it was (the online
+    /// consistency checks digest the state at a check point).
+    pub fn checksum_with(&self, taken: impl FnOnce()) -> Result<KeyspaceChecksum, StateError> {
         let snap = self.inner.db.snapshot();
+        taken();
         let index = self.index_at(&snap)?;
         let mut hasher = Sha256::new();
         let mut keys = 0u64;

@@ -36,6 +36,14 @@ fn arb_kind() -> impl Strategy<Value = EventKind> {
         (arb_bytes(64), arb_bytes(600)).prop_map(|(key, value)| EventKind::Put { key, value }),
         arb_bytes(64).prop_map(|key| EventKind::Delete { key }),
         (1..=u64::MAX).prop_map(|seq| EventKind::Commit { seq }),
+        Just(EventKind::VerifyPoint),
+        (1..=u64::MAX, prop::collection::vec(any::<u8>(), 32), any::<u64>()).prop_map(
+            |(point, digest, keys)| EventKind::VerifyDigest {
+                point,
+                digest: Bytes::from(digest),
+                keys,
+            }
+        ),
     ]
 }
 
@@ -311,10 +319,20 @@ impl Model {
                 Ok(Step::InTxn)
             }
             (EventKind::Begin { .. }, Some(_)) => Err(BoundaryError::BeginInTxn { index }),
-            (EventKind::Put { .. } | EventKind::Delete { .. }, None) => {
-                Err(BoundaryError::DataOutsideTxn { index })
-            }
-            (EventKind::Put { .. } | EventKind::Delete { .. }, Some(_)) => Ok(Step::InTxn),
+            (
+                EventKind::Put { .. }
+                | EventKind::Delete { .. }
+                | EventKind::VerifyPoint
+                | EventKind::VerifyDigest { .. },
+                None,
+            ) => Err(BoundaryError::DataOutsideTxn { index }),
+            (
+                EventKind::Put { .. }
+                | EventKind::Delete { .. }
+                | EventKind::VerifyPoint
+                | EventKind::VerifyDigest { .. },
+                Some(_),
+            ) => Ok(Step::InTxn),
             (EventKind::Commit { .. }, None) => Err(BoundaryError::CommitOutsideTxn { index }),
             (EventKind::Commit { seq }, Some((begin_seq, _))) => {
                 if *seq != begin_seq {

@@ -64,7 +64,7 @@ use tern_common::binlog::{Binlog, BinlogError};
 use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
-use tern_common::state::{FLUSH_INTERVAL, GroupBatch, State};
+use tern_common::state::{FLUSH_INTERVAL, GroupBatch, KeyspaceChecksum, State};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::pins::{Pins, SLAVE_PREFIX, SNAPSHOT_PREFIX};
@@ -189,6 +189,10 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
+    /// Online consistency checks: digests logged, and the last check point
+    /// digested.
+    pub verify_checks: AtomicU64,
+    pub last_verify: AtomicU64,
     /// Failed binlog appends, binlog fsyncs and RocksDB writes of the write path.
     pub write_errors: AtomicU64,
     /// Whether the write path can write (gRPC health and `Info.writable`).
@@ -216,6 +220,8 @@ impl Progress {
             binlog_bytes: AtomicU64::new(binlog.total_bytes()),
             last_seq: AtomicU64::new(state.last_seq()),
             transactions: AtomicU64::new(0),
+            verify_checks: AtomicU64::new(0),
+            last_verify: AtomicU64::new(0),
             groups: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             write_path: watch::channel(WritePath::Writable).0,
@@ -309,6 +315,7 @@ pub fn spawn(
     state: State,
     retention: Policy,
     pins: Arc<Pins>,
+    verify_interval: Option<Duration>,
     runtime: tokio::runtime::Handle,
 ) -> (
     CommitterHandle,
@@ -330,6 +337,7 @@ pub fn spawn(
         binlog_failed: false,
         behind: None,
         last_attempt: Instant::now(),
+        verify: Verify::new(verify_interval),
     };
     let join = std::thread::Builder::new()
         .name("committer".into())
@@ -355,6 +363,40 @@ struct Committer {
     behind: Option<Behind>,
     /// Last probe or catch-up attempt while failing.
     last_attempt: Instant,
+    /// Online consistency checks (`sync.verify_interval_secs`).
+    verify: Verify,
+}
+
+/// The master's side of the online consistency checks: every `interval`
+/// (when something was written since the last one) it logs a check point as
+/// a transaction of its own, the last of its group; right after that group
+/// is in RocksDB a thread takes a snapshot (writes wait for it, a moment) and
+/// digests it as `Admin.Checksum` does; the digest is then logged as another
+/// transaction, which each slave compares with its own digest at the point.
+struct Verify {
+    interval: Option<Duration>,
+    last: Instant,
+    /// A digest is being computed.
+    running: bool,
+    /// The binlog's last index after the last digest was logged: no new
+    /// check point until something is written after it.
+    quiet_at: u64,
+    done_tx: std::sync::mpsc::Sender<(u64, Result<KeyspaceChecksum, String>)>,
+    done_rx: std::sync::mpsc::Receiver<(u64, Result<KeyspaceChecksum, String>)>,
+}
+
+impl Verify {
+    fn new(interval: Option<Duration>) -> Verify {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        Verify {
+            interval,
+            last: Instant::now(),
+            running: false,
+            quiet_at: 0,
+            done_tx,
+            done_rx,
+        }
+    }
 }
 
 /// A committed group whose RocksDB write failed: its answers wait for the
@@ -413,6 +455,7 @@ impl Committer {
             self.commit_group(&mut group);
             if self.failed.is_none() {
                 self.retain_if_due();
+                self.verify_if_due();
             }
         }
         if let Some(why) = self.failed.take() {
@@ -487,6 +530,84 @@ impl Committer {
             }
         }
         self.retain_if_due();
+        self.verify_if_due();
+    }
+
+    /// Logs a computed digest, and a new check point when one is due.
+    fn verify_if_due(&mut self) {
+        if self.failed.is_some() || self.behind.is_some() {
+            return;
+        }
+        while let Ok((point, result)) = self.verify.done_rx.try_recv() {
+            self.verify.running = false;
+            match result {
+                Ok(c) if c.index == point => match hex::decode(&c.digest) {
+                    Ok(digest) => {
+                        self.commit_internal(WriteOp::Verify(Some((
+                            point,
+                            Bytes::from(digest),
+                            c.keys,
+                        ))));
+                        self.verify.quiet_at = self.binlog.last_index();
+                        self.progress.verify_checks.fetch_add(1, Ordering::Relaxed);
+                        self.progress.last_verify.store(point, Ordering::Release);
+                        tracing::info!(point, keys = c.keys, digest = %c.digest, "consistency check: digest logged");
+                    }
+                    Err(e) => tracing::error!(point, error = %e, "consistency check: bad digest"),
+                },
+                Ok(c) => tracing::error!(
+                    point,
+                    snapshot = c.index,
+                    "consistency check: the snapshot is not at the check point; skipped"
+                ),
+                Err(e) => tracing::error!(point, error = %e, "consistency check: digest failed"),
+            }
+        }
+        let Some(every) = self.verify.interval else {
+            return;
+        };
+        if self.verify.running
+            || self.verify.last.elapsed() < every
+            || self.binlog.last_index() <= self.verify.quiet_at
+        {
+            return;
+        }
+        self.verify.last = Instant::now();
+        self.commit_internal(WriteOp::Verify(None));
+    }
+
+    /// Commits a transaction of the committer's own (nobody awaits it).
+    fn commit_internal(&mut self, op: WriteOp) {
+        let (reply, _) = oneshot::channel();
+        let mut group = vec![WriteRequest {
+            ops: vec![op],
+            reply,
+        }];
+        self.commit_group(&mut group);
+    }
+
+    /// Digests the state at check point `point` (just applied) on a thread
+    /// of its own; returns once its snapshot is taken, so no later write is
+    /// in it.
+    fn start_digest(&mut self, point: u64) {
+        let state = self.state.clone();
+        let done = self.verify.done_tx.clone();
+        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || {
+                let r = state.checksum_with(|| {
+                    let _ = taken_tx.send(());
+                });
+                let _ = done.send((point, r.map_err(|e| e.to_string())));
+            });
+        match spawned {
+            Ok(_) => {
+                self.verify.running = true;
+                let _ = taken_rx.recv();
+            }
+            Err(e) => tracing::error!(point, error = %e, "consistency check: no digest thread"),
+        }
     }
 
     /// Records a failure of the write path (it retries).
@@ -735,11 +856,43 @@ impl Committer {
         let mut answers: Vec<Result<WriteOutcome, WriteError>> = Vec::with_capacity(group.len());
         let mut seq = self.next_seq;
         let mut taken = 0;
+        // A check point of the consistency checks in this group (its last
+        // transaction).
+        let mut point = None;
         for req in group.iter() {
             if records.len() >= MAX_GROUP_BYTES {
                 break;
             }
             taken += 1;
+            if let [WriteOp::Verify(v)] = req.ops.as_slice() {
+                push_txn(
+                    &mut records,
+                    &mut next_index,
+                    seq,
+                    commit_ts,
+                    match v {
+                        None => EventKind::VerifyPoint,
+                        Some((point, digest, keys)) => EventKind::VerifyDigest {
+                            point: *point,
+                            digest: digest.clone(),
+                            keys: *keys,
+                        },
+                    },
+                );
+                seq += 1;
+                answers.push(Ok(WriteOutcome {
+                    index: next_index - 1,
+                    results: Vec::new(),
+                    replicas: Default::default(),
+                }));
+                if v.is_none() {
+                    // A check point ends its group: the state is digested
+                    // right after this group, before any later write.
+                    point = Some(next_index - 1);
+                    break;
+                }
+                continue;
+            }
             let (writes, results) = match self.execute(&req.ops, &overlay) {
                 Ok(x) => x,
                 Err(e) => {
@@ -855,6 +1008,10 @@ impl Committer {
                 self.request_flush();
             }
             self.progress.applied.send_replace(last_index);
+            if let Some(p) = point {
+                debug_assert_eq!(p, last_index);
+                self.start_digest(p);
+            }
         }
         for (reply, answer) in replies {
             let _ = reply.send(answer);
@@ -953,6 +1110,11 @@ impl Committer {
                         txn.set(key, Pending::Shared(value.clone()))?;
                     }
                     OpOutcome::PutIf(present == *exists)
+                }
+                WriteOp::Verify(_) => {
+                    return Err(WriteError::Internal(
+                        "a consistency check op inside a transaction".into(),
+                    ));
                 }
                 WriteOp::Get { key } => {
                     let v = txn.current(key, read)?.bytes().map(Bytes::copy_from_slice);
@@ -1102,6 +1264,21 @@ impl TxnValues {
                 (k, v)
             })
             .collect()
+    }
+}
+
+/// Appends the records of a transaction holding only `kind` (a consistency
+/// check event) at `next_index`, which it advances.
+fn push_txn(records: &mut Vec<u8>, next_index: &mut u64, seq: u64, commit_ts: u64, kind: EventKind) {
+    for kind in [EventKind::Begin { seq, commit_ts }, kind, EventKind::Commit { seq }] {
+        encode_record(
+            &Event {
+                index: *next_index,
+                kind,
+            },
+            records,
+        );
+        *next_index += 1;
     }
 }
 

@@ -163,10 +163,12 @@ impl InfoSource for MasterInfo {
                 write_errors: p.write_errors.load(Ordering::Relaxed),
                 batches_from_memory: self.sync.batches_from_memory.load(Ordering::Relaxed),
                 batches_from_files: self.sync.batches_from_files.load(Ordering::Relaxed),
+                verify_checks: p.verify_checks.load(Ordering::Relaxed),
                 ..Default::default()
             }),
             write_error,
             writable,
+            last_verify_index: p.last_verify.load(Ordering::Acquire),
             ..Default::default()
         }
     }
@@ -371,6 +373,8 @@ pub async fn run(
         state.clone(),
         retention::Policy::from_config(&cfg.binlog),
         pins.clone(),
+        (cfg.sync.verify_interval_secs > 0)
+            .then(|| Duration::from_secs(cfg.sync.verify_interval_secs)),
         tokio::runtime::Handle::current(),
     );
     let snapshots = SnapshotManager::new(

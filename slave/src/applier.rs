@@ -34,6 +34,8 @@ use tern_common::binlog::BinlogReader;
 use tern_common::record::{Event, EventKind};
 use tern_common::replay::add_to_batch;
 use tern_common::state::{FLUSH_INTERVAL, GroupBatch, State};
+
+use crate::verify::Verifier;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -171,6 +173,8 @@ pub struct Applier {
     carry: Vec<Event>,
     last_flush: std::time::Instant,
     stats: ApplyStats,
+    /// Online consistency checks (check points and the master's digests).
+    verifier: Option<Verifier>,
     #[cfg(feature = "fault-injection")]
     delay: Option<std::time::Duration>,
 }
@@ -183,6 +187,7 @@ impl Applier {
         handoff: HandOffRx,
         duplicates_skipped: Arc<AtomicU64>,
         shutdown: CancellationToken,
+        verifier: Option<Verifier>,
     ) -> ApplierHandle {
         let (applied_tx, applied) = watch::channel(state.applied_index());
         let applier = Applier {
@@ -199,6 +204,7 @@ impl Applier {
             carry: Vec::new(),
             last_flush: std::time::Instant::now(),
             stats: ApplyStats::default(),
+            verifier,
             #[cfg(feature = "fault-injection")]
             delay: std::env::var("TERN_FAULT_APPLY_DELAY_MS")
                 .ok()
@@ -293,13 +299,12 @@ impl Applier {
             self.seeked = false;
             self.stats.memory_events += events as u64;
             let events = take.into_iter().flat_map(|c| c.events);
-            let (mut batch, last) = collect(events, applied, &mut self.carry, &mut 0)?;
+            let segments = collect(events, applied, &mut self.carry, &mut 0)?;
             anyhow::ensure!(
-                self.carry.is_empty() && last.map(|l| l.0) == Some(upto),
+                self.carry.is_empty() && segments.last().map(|s| s.index) == Some(upto),
                 "handed-off chunks up to {upto} do not end at a Commit"
             );
-            let (index, seq) = last.unwrap_or_default();
-            self.commit(&mut batch, index, seq)?;
+            self.commit_segments(segments)?;
             return Ok(true);
         }
         // Up to a held chunk after a gap; a held chunk that continues the
@@ -328,7 +333,7 @@ impl Applier {
         self.stats.disk_events += events.len() as u64;
         let carried = std::mem::take(&mut self.carry);
         let mut skipped = 0;
-        let (mut batch, last) = collect(
+        let segments = collect(
             carried.into_iter().chain(events),
             applied,
             &mut self.carry,
@@ -343,8 +348,22 @@ impl Applier {
                 "skipped transactions at or below the applied index"
             );
         }
-        if let Some((index, seq)) = last {
-            self.commit(&mut batch, index, seq)?;
+        self.commit_segments(segments)
+    }
+
+    /// Applies segments in order; a check point is digested right after its
+    /// segment, a master's digest compared once its segment is applied.
+    fn commit_segments(&mut self, segments: Vec<Segment>) -> anyhow::Result<()> {
+        for mut seg in segments {
+            self.commit(&mut seg.batch, seg.index, seg.seq)?;
+            if let Some(v) = &self.verifier {
+                for (point, digest, keys) in &seg.digests {
+                    v.digest(*point, digest, *keys);
+                }
+                if seg.point {
+                    v.point(seg.index);
+                }
+            }
         }
         Ok(())
     }
@@ -365,20 +384,34 @@ impl Applier {
     }
 }
 
-/// Adds the data of the complete transactions in `events` to one batch, in
-/// order; transactions at or below `applied` are skipped and counted in
-/// `skipped`; a trailing partial transaction is left in `carry` (which must be
-/// empty). Returns the batch and the (commit index, seq) of the last
-/// transaction added.
+/// Complete transactions applied in one WriteBatch, ending at `index`.
+#[derive(Default)]
+struct Segment {
+    batch: GroupBatch,
+    /// Commit index and seq of its last transaction.
+    index: u64,
+    seq: u64,
+    /// Its last transaction is a check point of the consistency checks.
+    point: bool,
+    /// The master's digests it carries: (point, sha256, keys).
+    digests: Vec<(u64, bytes::Bytes, u64)>,
+}
+
+/// Adds the data of the complete transactions in `events` to batches, in
+/// order: one batch, cut after each check point of the consistency checks
+/// (so the state can be digested exactly there). Transactions at or below
+/// `applied` are skipped and counted in `skipped`; a trailing partial
+/// transaction is left in `carry` (which must be empty).
 fn collect(
     events: impl IntoIterator<Item = Event>,
     applied: u64,
     carry: &mut Vec<Event>,
     skipped: &mut u64,
-) -> anyhow::Result<(GroupBatch, Option<(u64, u64)>)> {
+) -> anyhow::Result<Vec<Segment>> {
     debug_assert!(carry.is_empty());
-    let mut batch = GroupBatch::default();
-    let mut last = None;
+    let mut segments = Vec::new();
+    let mut seg = Segment::default();
+    let mut open_seg = false;
     // Events of the open transaction, kept until its Commit is seen.
     let mut open: Option<(bool, Vec<Event>)> = None;
     for ev in events {
@@ -395,23 +428,43 @@ fn collect(
                 })?;
                 if skip {
                     *skipped += 1;
-                } else {
-                    for e in &txn {
-                        add_to_batch(&mut batch, e);
+                    continue;
+                }
+                let mut point = false;
+                for e in &txn {
+                    match &e.kind {
+                        EventKind::VerifyPoint => point = true,
+                        EventKind::VerifyDigest {
+                            point,
+                            digest,
+                            keys,
+                        } => seg.digests.push((*point, digest.clone(), *keys)),
+                        _ => add_to_batch(&mut seg.batch, e),
                     }
-                    last = Some((ev.index, *seq));
+                }
+                (seg.index, seg.seq, open_seg) = (ev.index, *seq, true);
+                if point {
+                    seg.point = true;
+                    segments.push(std::mem::take(&mut seg));
+                    open_seg = false;
                 }
             }
-            EventKind::Put { .. } | EventKind::Delete { .. } => match open.as_mut() {
+            EventKind::Put { .. }
+            | EventKind::Delete { .. }
+            | EventKind::VerifyPoint
+            | EventKind::VerifyDigest { .. } => match open.as_mut() {
                 Some((_, txn)) => txn.push(ev),
                 None => anyhow::bail!("data event outside a transaction at {}", ev.index),
             },
         }
     }
+    if open_seg {
+        segments.push(seg);
+    }
     if let Some((_, txn)) = open {
         *carry = txn;
     }
-    Ok((batch, last))
+    Ok(segments)
 }
 
 #[cfg(test)]
@@ -435,6 +488,48 @@ mod tests {
     }
 
     #[test]
+    fn collect_cuts_a_batch_after_each_check_point() {
+        let point = |i: u64, seq: u64| {
+            vec![
+                Event::begin(i, seq, 0),
+                Event {
+                    index: i + 1,
+                    kind: EventKind::VerifyPoint,
+                },
+                Event::commit(i + 2, seq),
+            ]
+        };
+        let mut events = vec![
+            Event::begin(1, 1, 0),
+            Event::put(2, "a", "1"),
+            Event::commit(3, 1),
+        ];
+        events.extend(point(4, 2));
+        events.extend([
+            Event::begin(7, 3, 0),
+            Event {
+                index: 8,
+                kind: EventKind::VerifyDigest {
+                    point: 6,
+                    digest: bytes::Bytes::from(vec![7; 32]),
+                    keys: 1,
+                },
+            },
+            Event::put(9, "b", "2"),
+            Event::commit(10, 3),
+        ]);
+        let (mut carry, mut skipped) = (Vec::new(), 0);
+        let segs = collect(events, 0, &mut carry, &mut skipped).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert!(segs[0].point && segs[0].index == 6 && segs[0].batch.len() == 1);
+        assert!(!segs[1].point && segs[1].index == 10 && segs[1].batch.len() == 1);
+        assert_eq!(segs[1].digests, vec![(6, bytes::Bytes::from(vec![7; 32]), 1)]);
+        // A point ending the input leaves no empty segment behind.
+        let segs = collect(point(1, 1), 0, &mut carry, &mut skipped).unwrap();
+        assert_eq!(segs.len(), 1);
+    }
+
+    #[test]
     fn collect_skips_applied_and_carries_a_partial_transaction() {
         let events = vec![
             Event::begin(1, 1, 0),
@@ -447,10 +542,11 @@ mod tests {
             Event::put(8, "c", "3"),
         ];
         let (mut carry, mut skipped) = (Vec::new(), 0);
-        let (batch, last) = collect(events, 3, &mut carry, &mut skipped).unwrap();
+        let segments = collect(events, 3, &mut carry, &mut skipped).unwrap();
         assert_eq!(skipped, 1);
-        assert_eq!(last, Some((6, 2)));
-        assert_eq!(batch.len(), 1);
+        assert_eq!(segments.len(), 1);
+        assert_eq!((segments[0].index, segments[0].seq), (6, 2));
+        assert_eq!(segments[0].batch.len(), 1);
         assert_eq!(carry.len(), 2);
         assert_eq!(carry[0].index, 7);
     }

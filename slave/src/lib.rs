@@ -13,5 +13,6 @@ pub mod floor;
 pub mod fullsync;
 pub mod link;
 pub mod node;
+pub mod verify;
 
 pub use node::run;

@@ -69,6 +69,7 @@ impl tern_common::server::AdminControl for SlaveControl {
 }
 
 struct SlaveInfo {
+    verify: Arc<crate::verify::VerifyStats>,
     /// This slave's own slaves (cascading).
     downstream: Arc<tern_master::sync::SyncShared>,
     status: Arc<LinkStatus>,
@@ -104,6 +105,8 @@ impl InfoSource for SlaveInfo {
             binlog_bytes: s.relay_bytes.load(Ordering::Acquire),
             version: env!("CARGO_PKG_VERSION").into(),
             read_floor: self.read_floor.index,
+            last_verify_index: self.verify.last_index.load(Ordering::Acquire),
+            verify_mismatch: self.verify.stopped_reason().unwrap_or_default(),
             reads_blocked: self.read_floor.blocked(applied).unwrap_or_default(),
             histories: match self.state.histories() {
                 Ok(h) => h.map(|h| h.admin_list()).unwrap_or_default(),
@@ -135,6 +138,8 @@ impl InfoSource for SlaveInfo {
                 stale_messages: s.stale_messages.load(Ordering::Relaxed),
                 reconnects: s.reconnects.load(Ordering::Relaxed),
                 reads_refused: self.read_floor.refused.load(Ordering::Relaxed),
+                verify_checks: self.verify.checks.load(Ordering::Relaxed),
+                verify_mismatches: self.verify.mismatches.load(Ordering::Relaxed),
                 ..Default::default()
             }),
             ..Default::default()
@@ -181,11 +186,13 @@ pub async fn run(
     let listener = listener.into_std()?;
     let status = LinkStatus::new(None);
     let reads_refused = Arc::new(AtomicU64::new(0));
+    // Consistency checks: counters and the read stop outlive restarts of the node.
+    let verify = Arc::new(crate::verify::VerifyStats::default());
     // Admin.SetMaster changes it; it outlives restarts of the node (a full sync).
     let master = watch::channel(cfg.slave.master.clone()).0;
     loop {
         let l = TcpListener::from_std(listener.try_clone()?)?;
-        match run_once(l, &cfg, &status, &reads_refused, &master, &shutdown).await? {
+        match run_once(l, &cfg, &status, &reads_refused, &verify, &master, &shutdown).await? {
             LinkExit::Shutdown => return Ok(()),
             LinkExit::FullSyncStaged(staged) => {
                 tracing::info!(
@@ -259,6 +266,8 @@ fn open_data_dir(cfg: &Config) -> anyhow::Result<Opened> {
     tern_master::snapshot::remove_all(dir)
         .with_context(|| format!("removing old snapshots in {}", dir.display()))?;
     if let Some(staged) = fullsync::apply_staged(dir, binlog_options(cfg))? {
+        // New data from the master: a failed consistency check no longer holds.
+        crate::verify::clear_stop(dir).context("clearing the consistency-check read stop")?;
         tracing::info!(snapshot_id = %staged.snapshot_id, index = staged.index, repl_id = %staged.repl_id, "full sync installed");
     }
     let state = State::open(&dir.join("db"))
@@ -352,6 +361,7 @@ async fn run_once(
     cfg: &Config,
     status: &Arc<LinkStatus>,
     reads_refused: &Arc<AtomicU64>,
+    verify: &Arc<crate::verify::VerifyStats>,
     master: &watch::Sender<String>,
     outer: &CancellationToken,
 ) -> anyhow::Result<LinkExit> {
@@ -405,6 +415,8 @@ async fn run_once(
     let (received_tx, received_rx) = watch::channel(relay.last_index());
     let drain = CancellationToken::new();
     let (handoff, handoff_rx) = crate::applier::hand_off();
+    *verify.stopped.lock().unwrap_or_else(|p| p.into_inner()) =
+        crate::verify::load_stop(&dir).context("reading the consistency-check read stop")?;
     let applier = Applier::spawn(
         state.clone(),
         relay.reader(),
@@ -412,6 +424,12 @@ async fn run_once(
         handoff_rx,
         status.duplicates_skipped.clone(),
         drain.clone(),
+        Some(crate::verify::Verifier::new(
+            state.clone(),
+            &dir,
+            cfg.slave.stop_reads_on_mismatch,
+            verify.clone(),
+        )),
     );
     let link = Link {
         cfg: cfg.clone(),
@@ -454,11 +472,13 @@ async fn run_once(
     let read_floor = ReadFloor {
         index: read_floor,
         refused: reads_refused.clone(),
+        stopped: verify.stopped.clone(),
     };
     let kv = KvService::new(state.clone(), applier.applied.clone(), None)
         .with_read_floor(read_floor.clone());
     let kv_resp = kv.clone();
     let info = Arc::new(SlaveInfo {
+        verify: verify.clone(),
         downstream: downstream.clone(),
         read_floor,
         status: status.clone(),

@@ -78,6 +78,7 @@ fn rig(txns: u64) -> Rig {
         rx,
         dups.clone(),
         stop.clone(),
+        None,
     );
     Rig {
         _dir: dir,
@@ -269,6 +270,7 @@ async fn apply_rate() {
             rx,
             Arc::new(AtomicU64::new(0)),
             stop.clone(),
+            None,
         );
         let start = std::time::Instant::now();
         if from_memory {

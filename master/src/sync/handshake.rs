@@ -99,7 +99,11 @@ impl SyncShared {
                 }
                 (_, true)
                 | (
-                    EventKind::Put { .. } | EventKind::Delete { .. } | EventKind::Commit { .. },
+                    EventKind::Put { .. }
+                    | EventKind::Delete { .. }
+                    | EventKind::Commit { .. }
+                    | EventKind::VerifyPoint
+                    | EventKind::VerifyDigest { .. },
                     false,
                 ) => {
                     return Err((
