@@ -37,13 +37,16 @@ fn arb_kind() -> impl Strategy<Value = EventKind> {
         arb_bytes(64).prop_map(|key| EventKind::Delete { key }),
         (1..=u64::MAX).prop_map(|seq| EventKind::Commit { seq }),
         Just(EventKind::VerifyPoint),
-        (1..=u64::MAX, prop::collection::vec(any::<u8>(), 32), any::<u64>()).prop_map(
-            |(point, digest, keys)| EventKind::VerifyDigest {
+        (
+            1..=u64::MAX,
+            prop::collection::vec(any::<u8>(), 32),
+            any::<u64>()
+        )
+            .prop_map(|(point, digest, keys)| EventKind::VerifyDigest {
                 point,
                 digest: Bytes::from(digest),
                 keys,
-            }
-        ),
+            }),
     ]
 }
 

@@ -55,7 +55,9 @@ async fn wait_checks(node: &Node, from: u64, n: u64) -> admin::InfoResponse {
 async fn healthy_replication_never_mismatches() {
     let dir = TestDir::new("verify-healthy");
     let env = env();
-    let master = Node::start_master(&dir.join("master"), &env, &[]).await.unwrap();
+    let master = Node::start_master(&dir.join("master"), &env, &[])
+        .await
+        .unwrap();
     let mut a = Node::start_slave(&dir.join("a"), &master.url(), &env, &[])
         .await
         .unwrap();
@@ -100,7 +102,9 @@ async fn healthy_replication_never_mismatches() {
 async fn a_changed_value_is_caught_and_reads_stop() {
     let dir = TestDir::new("verify-tampered");
     let env = env();
-    let master = Node::start_master(&dir.join("master"), &env, &[]).await.unwrap();
+    let master = Node::start_master(&dir.join("master"), &env, &[])
+        .await
+        .unwrap();
     let mut bad = Node::start_slave(&dir.join("bad"), &master.url(), &env, &[])
         .await
         .unwrap();
@@ -110,7 +114,10 @@ async fn a_changed_value_is_caught_and_reads_stop() {
     put_keys(&master, "k", 100).await;
     converge(&master, &[&bad, &good]).await;
     wait_checks(&bad, 0, 1).await;
-    assert_eq!(slave_counters(&bad.info().await.unwrap()).verify_mismatches, 0);
+    assert_eq!(
+        slave_counters(&bad.info().await.unwrap()).verify_mismatches,
+        0
+    );
 
     // Change one value behind tern's back, in the stopped slave's RocksDB.
     bad.sigterm_and_wait().await.unwrap();
@@ -136,7 +143,8 @@ async fn a_changed_value_is_caught_and_reads_stop() {
     })
     .await;
     assert!(
-        i.verify_mismatch.contains("consistency check failed at index"),
+        i.verify_mismatch
+            .contains("consistency check failed at index"),
         "{}",
         i.verify_mismatch
     );
@@ -150,17 +158,24 @@ async fn a_changed_value_is_caught_and_reads_stop() {
             .await
         }
     };
-    let e = refused(&bad).await.expect_err("reads stop after a mismatch");
+    let e = refused(&bad)
+        .await
+        .expect_err("reads stop after a mismatch");
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     assert!(e.message().contains("consistency check failed"), "{e}");
     // Still stopped after a restart.
     bad.sigterm_and_wait().await.unwrap();
     bad.restart().await.unwrap();
-    let e = refused(&bad).await.expect_err("still stopped after a restart");
+    let e = refused(&bad)
+        .await
+        .expect_err("still stopped after a restart");
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     // The master and the healthy slave are unaffected and agree.
     converge(&master, &[&good]).await;
-    assert_eq!(good.checksum().await.unwrap(), master.checksum().await.unwrap());
+    assert_eq!(
+        good.checksum().await.unwrap(),
+        master.checksum().await.unwrap()
+    );
     let g = good.info().await.unwrap();
     assert_eq!(slave_counters(&g).verify_mismatches, 0);
     assert!(slave_counters(&g).verify_checks >= 2);

@@ -41,7 +41,10 @@ pub struct VerifyStats {
 
 impl VerifyStats {
     pub fn stopped_reason(&self) -> Option<String> {
-        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -86,7 +89,12 @@ pub fn clear_stop(data_dir: &Path) -> std::io::Result<()> {
 }
 
 impl Verifier {
-    pub fn new(state: State, data_dir: &Path, stop_reads: bool, stats: Arc<VerifyStats>) -> Verifier {
+    pub fn new(
+        state: State,
+        data_dir: &Path,
+        stop_reads: bool,
+        stats: Arc<VerifyStats>,
+    ) -> Verifier {
         Verifier {
             state,
             data_dir: data_dir.to_path_buf(),
@@ -126,7 +134,11 @@ impl Verifier {
                         keys: c.keys,
                     },
                     Ok(c) => {
-                        tracing::error!(point, snapshot = c.index, "consistency check: snapshot not at the point");
+                        tracing::error!(
+                            point,
+                            snapshot = c.index,
+                            "consistency check: snapshot not at the point"
+                        );
                         Ours::Failed
                     }
                     Err(e) => {
@@ -205,7 +217,14 @@ impl Verifier {
              ({their_keys} keys), this slave's is {ours} ({our_keys} keys); resync this slave \
              (remove its data directory and restart it: it full-syncs)"
         );
-        tracing::error!(point, master_digest = theirs, digest = ours, master_keys = their_keys, keys = our_keys, "{why}");
+        tracing::error!(
+            point,
+            master_digest = theirs,
+            digest = ours,
+            master_keys = their_keys,
+            keys = our_keys,
+            "{why}"
+        );
         if self.stop_reads {
             if let Err(e) = write_stop(&self.data_dir, &why) {
                 tracing::error!(error = %e, "recording the read stop");
