@@ -417,6 +417,28 @@ impl State {
         self.checksum_with(|| {})
     }
 
+    /// Digests the state as it is now on a thread of its own, and passes
+    /// the result to `done` there. Returns once the thread's snapshot is
+    /// taken, so nothing written after this call is in the digest (the
+    /// online consistency checks digest a check point this way while writes
+    /// go on).
+    pub fn digest_in_background(
+        &self,
+        done: impl FnOnce(Result<KeyspaceChecksum, StateError>) + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.clone();
+        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("digest".into())
+            .spawn(move || {
+                done(state.checksum_with(|| {
+                    let _ = taken_tx.send(());
+                }))
+            })?;
+        let _ = taken_rx.recv();
+        Ok(())
+    }
+
     /// [`checksum`](Self::checksum), calling `taken` as soon as the
     /// snapshot it reads is taken: a caller that holds writes back until
     /// then gets the digest of the state exactly as it was (the online

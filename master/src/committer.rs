@@ -590,22 +590,12 @@ impl Committer {
     /// of its own; returns once its snapshot is taken, so no later write is
     /// in it.
     fn start_digest(&mut self, point: u64) {
-        let state = self.state.clone();
         let done = self.verify.done_tx.clone();
-        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("verify".into())
-            .spawn(move || {
-                let r = state.checksum_with(|| {
-                    let _ = taken_tx.send(());
-                });
-                let _ = done.send((point, r.map_err(|e| e.to_string())));
-            });
+        let spawned = self.state.digest_in_background(move |r| {
+            let _ = done.send((point, r.map_err(|e| e.to_string())));
+        });
         match spawned {
-            Ok(_) => {
-                self.verify.running = true;
-                let _ = taken_rx.recv();
-            }
+            Ok(()) => self.verify.running = true,
             Err(e) => tracing::error!(point, error = %e, "consistency check: no digest thread"),
         }
     }

@@ -119,43 +119,31 @@ impl Verifier {
                 p.ours.pop_first();
             }
         }
-        let state = self.state.clone();
         let me = self.handle();
-        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("verify".into())
-            .spawn(move || {
-                let r = state.checksum_with(|| {
-                    let _ = taken_tx.send(());
-                });
-                let ours = match r {
-                    Ok(c) if c.index == point => Ours::Done {
-                        digest: c.digest,
-                        keys: c.keys,
-                    },
-                    Ok(c) => {
-                        tracing::error!(
-                            point,
-                            snapshot = c.index,
-                            "consistency check: snapshot not at the point"
-                        );
-                        Ours::Failed
-                    }
-                    Err(e) => {
-                        tracing::error!(point, error = %e, "consistency check: digest failed");
-                        Ours::Failed
-                    }
-                };
-                me.finished(point, ours);
-            });
-        match spawned {
-            Ok(_) => {
-                let _ = taken_rx.recv();
-            }
-            Err(e) => {
-                tracing::error!(point, error = %e, "consistency check: no digest thread");
-                self.points().ours.insert(point, Ours::Failed);
-            }
+        let spawned = self.state.digest_in_background(move |r| {
+            let ours = match r {
+                Ok(c) if c.index == point => Ours::Done {
+                    digest: c.digest,
+                    keys: c.keys,
+                },
+                Ok(c) => {
+                    tracing::error!(
+                        point,
+                        snapshot = c.index,
+                        "consistency check: snapshot not at the point"
+                    );
+                    Ours::Failed
+                }
+                Err(e) => {
+                    tracing::error!(point, error = %e, "consistency check: digest failed");
+                    Ours::Failed
+                }
+            };
+            me.finished(point, ours);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(point, error = %e, "consistency check: no digest thread");
+            self.points().ours.insert(point, Ours::Failed);
         }
     }
 
