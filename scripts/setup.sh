@@ -10,6 +10,9 @@
 #  - podman, podman-compose, debootstrap and what podman needs as root on
 #    Debian 12 (runc, netavark, aardvark-dns, iptables, slirp4netns), for
 #    integration/tests/containers.rs (see scripts/containers.sh)
+#  - Python's prometheus_client (Debian python3-prometheus-client), whose
+#    exposition-format parser reads the nodes' /metrics in
+#    integration/tests/metrics.rs
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -39,6 +42,16 @@ have_python_redis() {
   return 1
 }
 
+# integration/tests/metrics.rs runs the first of python3 and /usr/bin/python3
+# that can import prometheus_client.
+have_python_prometheus() {
+  local p
+  for p in python3 /usr/bin/python3; do
+    "$p" -c 'import prometheus_client' >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+
 need_apt=()
 have_libclang || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
@@ -46,6 +59,7 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 { command -v redis-cli && command -v redis-benchmark; } >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need_apt+=(nutcracker)
 have_python_redis || need_apt+=(python3-redis)
+have_python_prometheus || need_apt+=(python3-prometheus-client)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -58,6 +72,11 @@ if ! have_python_redis; then
   echo "setup: installing the Python redis module (pip)" >&2
   python3 -m pip install -q redis >/dev/null 2>&1 || python3 -m pip install -q --user redis
   have_python_redis || echo "setup: warning: no python3 can import redis" >&2
+fi
+if ! have_python_prometheus; then
+  echo "setup: installing the Python prometheus_client module (pip)" >&2
+  python3 -m pip install -q prometheus-client >/dev/null 2>&1 || python3 -m pip install -q --user prometheus-client
+  have_python_prometheus || echo "setup: warning: no python3 can import prometheus_client" >&2
 fi
 
 if ! command -v grpcurl >/dev/null 2>&1; then

@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// Address of the Redis-protocol (RESP2) front, `HOST:PORT`; unset = off.
     #[serde(default)]
     pub resp_listen: Option<String>,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`),
+    /// `HOST:PORT`; unset = off.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -552,6 +556,13 @@ impl Config {
         {
             return bad(format!(
                 "server.resp_listen {r:?} is not HOST:PORT with a numeric host (e.g. 127.0.0.1:6379)"
+            ));
+        }
+        if let Some(m) = &s.metrics_listen
+            && m.parse::<SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "server.metrics_listen {m:?} is not HOST:PORT with a numeric host (e.g. 127.0.0.1:9400)"
             ));
         }
         if s.tls_client_ca.is_some() && s.tls_cert.is_none() {

@@ -17,6 +17,7 @@
 //! - [`replay`]: applying binlog events to the state in whole transactions.
 //! - [`wire`]: Replication messages from the network as checked domain types.
 //! - [`status`]: the gRPC status for bad input and exhausted limits, in one place.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint (`server.metrics_listen`).
 
 pub mod binlog;
 pub mod boundary;
@@ -26,6 +27,7 @@ pub mod history;
 pub mod kv;
 pub mod limits;
 pub mod marker;
+pub mod metrics;
 pub mod position;
 pub mod proto;
 pub mod record;

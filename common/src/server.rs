@@ -199,6 +199,8 @@ pub struct ServeOptions {
     pub auth: auth::Auth,
     /// TLS of the port (`None`: plaintext).
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Where requests are counted (`tern_requests_total`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ServeOptions {
@@ -213,6 +215,7 @@ impl ServeOptions {
             serving: None,
             auth: auth::Auth::open(),
             tls: None,
+            metrics: None,
         }
     }
 
@@ -318,6 +321,10 @@ pub async fn serve(
         );
     }
     let layer = tower::ServiceBuilder::new()
+        // Outermost: counts what the client gets (after the remapping below).
+        .layer(crate::metrics::RequestsLayer {
+            metrics: opts.metrics.clone(),
+        })
         // Requests tonic cannot decode: RESOURCE_EXHAUSTED / INVALID_ARGUMENT
         // on every service (see crate::status).
         .layer(tower::util::MapResponseLayer::new(

@@ -43,6 +43,34 @@ pub fn pick_port() -> u16 {
     l.local_addr().expect("local_addr of a bound socket").port()
 }
 
+/// A Python 3 interpreter that can `import <module>`: `$TERN_PYTHON` if set,
+/// else the first of `python3` (on PATH) and `/usr/bin/python3` (where
+/// Debian's `python3-*` packages land when `python3` is another
+/// installation) that can. Panics naming the Debian package (which
+/// `scripts/setup.sh` installs) when none can.
+pub fn python_with(module: &str, debian_package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("TERN_PYTHON") {
+        return PathBuf::from(p);
+    }
+    for cand in ["python3", "/usr/bin/python3"] {
+        let ok = std::process::Command::new(cand)
+            .args(["-c", &format!("import {module}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return PathBuf::from(cand);
+        }
+    }
+    panic!(
+        "no Python 3 with the `{module}` module (tried python3 and /usr/bin/python3): run \
+         scripts/setup.sh (Debian package {debian_package})"
+    )
+}
+
 /// A temporary directory for one test. Removed when dropped, except while the
 /// thread is panicking (a failed test): then it is kept and its path printed.
 pub struct TestDir {

@@ -189,6 +189,8 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
+    /// Set by the node: transactions per group (`tern_group_commit_transactions`).
+    pub group_sizes: std::sync::OnceLock<tern_common::metrics::Histogram>,
     /// Online consistency checks: digests logged, and the last check point
     /// digested.
     pub verify_checks: AtomicU64,
@@ -223,6 +225,7 @@ impl Progress {
             verify_checks: AtomicU64::new(0),
             last_verify: AtomicU64::new(0),
             groups: AtomicU64::new(0),
+            group_sizes: std::sync::OnceLock::new(),
             write_errors: AtomicU64::new(0),
             write_path: watch::channel(WritePath::Writable).0,
             commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
@@ -976,6 +979,9 @@ impl Committer {
                 .transactions
                 .fetch_add(txns, Ordering::Relaxed);
             self.progress.groups.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = self.progress.group_sizes.get() {
+                h.observe(txns as f64);
+            }
             self.progress.record_commit(last_index);
             if let Err(e) = self.state.apply(batch, last_index, seq - 1) {
                 // Committed in the binlog, not in the state: hold the answers

@@ -368,6 +368,9 @@ pub async fn run(
     let repl_id = histories.current;
     let reader = binlog.reader();
     let pins = Pins::new();
+    let metrics = tern_common::metrics::Metrics::new();
+    let mut binlog = binlog;
+    binlog.observe_fsyncs(metrics.fsync.clone());
     let (handle, progress, committer) = committer::spawn(
         binlog,
         state.clone(),
@@ -405,6 +408,8 @@ pub async fn run(
         cfg.sync.clone(),
         shutdown.clone(),
     );
+    let _ = sync.metrics.set(metrics.clone());
+    let _ = progress.group_sizes.set(metrics.group_transactions.clone());
     let semi = SemiSync::from_config(&cfg);
     let writer = CommitWriter {
         committer: handle,
@@ -436,6 +441,13 @@ pub async fn run(
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
     serve_opts.serving = Some(watch_write_path(&progress, shutdown.clone()));
     serve_opts.secure(&cfg)?;
+    serve_opts.metrics = Some(metrics.clone());
+    metrics.set_source(tern_common::metrics::NodeSource {
+        info: info.clone(),
+        connections: Some(serve_opts.connections.clone()),
+    });
+    let metrics_server =
+        tern_common::metrics::start(&cfg.server, metrics.clone(), shutdown.clone())?;
     let resp = tern_common::resp::start(
         &cfg.server,
         tern_common::resp::RespNode {
@@ -461,6 +473,10 @@ pub async fn run(
     // The RESP front's connections hold the write path too.
     if let Some(resp) = resp {
         let _ = resp.await;
+    }
+    metrics.clear_source();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
     }
     // Snapshots are not kept across a stop (a restart removes them anyway).
     let _ = snapshot_gc.await;

@@ -102,6 +102,24 @@ pub enum ReconnectReason {
     MasterChanged(String),
 }
 
+impl ReconnectReason {
+    /// A short stable name (`tern_reconnects_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReconnectReason::ConnectFailed(_) => "connect_failed",
+            ReconnectReason::LinkLost(_) => "link_lost",
+            ReconnectReason::LinkTimeout(_) => "link_timeout",
+            ReconnectReason::MasterClosed => "master_closed",
+            ReconnectReason::Protocol(_) => "protocol",
+            ReconnectReason::Relay(_) => "relay",
+            ReconnectReason::NeedFullSync { .. } => "need_full_sync",
+            ReconnectReason::FullSync(_) => "full_sync",
+            ReconnectReason::Fatal(_) => "fatal",
+            ReconnectReason::MasterChanged(_) => "master_changed",
+        }
+    }
+}
+
 /// Events the receiver keeps for the hand-off before it gives up on it (the
 /// applier then reads them from the relay log).
 const PENDING_EVENTS: usize = 256 * 1024;
@@ -119,6 +137,9 @@ pub struct LinkStatus {
     pub relay_durable: AtomicU64,
     pub relay_bytes: AtomicU64,
     pub full_sync: fullsync::Progress,
+    /// The node's metrics: like these counters they outlive restarts of
+    /// the node (a full sync).
+    pub metrics: Arc<tern_common::metrics::Metrics>,
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +169,7 @@ impl LinkStatus {
             relay_durable: AtomicU64::new(0),
             relay_bytes: AtomicU64::new(0),
             full_sync: fullsync::Progress::default(),
+            metrics: tern_common::metrics::Metrics::new(),
         })
     }
 
@@ -256,6 +278,7 @@ impl Link {
     /// Follows the master until shutdown or until a full sync is staged; returns
     /// the relay log for a clean close.
     pub async fn run(mut self) -> (Binlog, LinkExit) {
+        self.relay.observe_fsyncs(self.status.metrics.fsync.clone());
         self.publish_relay();
         let mut exit = LinkExit::Shutdown;
         let mut backoff = Duration::from_millis(100);
@@ -294,6 +317,7 @@ impl Link {
                     };
                     self.fail(state, &reason);
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.status.metrics.reconnect(reason.label());
                     if matches!(reason, ReconnectReason::MasterChanged(_)) {
                         // Straight to the barrier and the new master.
                         backoff = Duration::from_millis(100);

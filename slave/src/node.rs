@@ -185,6 +185,9 @@ pub async fn run(
     }
     let listener = listener.into_std()?;
     let status = LinkStatus::new(None);
+    // Stops with `shutdown`; the node's restarts (a full sync) keep it.
+    let _metrics_server =
+        tern_common::metrics::start(&cfg.server, status.metrics.clone(), shutdown.clone())?;
     let reads_refused = Arc::new(AtomicU64::new(0));
     // Consistency checks: counters and the read stop outlive restarts of the node.
     let verify = Arc::new(crate::verify::VerifyStats::default());
@@ -491,6 +494,14 @@ async fn run_once(
     });
     let mut serve_opts = ServeOptions::from_config(&cfg.server);
     serve_opts.secure(cfg)?;
+    // The metrics endpoint outlives this incarnation (see `run`).
+    let metrics = status.metrics.clone();
+    serve_opts.metrics = Some(metrics.clone());
+    metrics.set_source(tern_common::metrics::NodeSource {
+        info: info.clone(),
+        connections: Some(serve_opts.connections.clone()),
+    });
+    let _ = downstream.metrics.set(metrics.clone());
     let control = Arc::new(SlaveControl {
         master: master.clone(),
         slave: cfg.slave.clone(),
@@ -520,6 +531,8 @@ async fn run_once(
     if let Some(resp) = resp {
         let _ = resp.await;
     }
+    // What Info holds (RocksDB) must be gone before the next incarnation opens it.
+    metrics.clear_source();
     let _ = snapshot_gc.await;
     snapshots.remove_everything().await;
     // serve returned at most server.shutdown_timeout_ms after `shutdown`,

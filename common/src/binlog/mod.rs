@@ -295,6 +295,8 @@ pub struct Binlog {
     failed: Option<String>,
     /// Reused by `append` for the sparse entries of one call.
     sparse_scratch: Vec<SparseEntry>,
+    /// Times every fdatasync of the tail (`tern_fsync_duration_seconds`).
+    fsync_observer: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl fmt::Debug for Binlog {
@@ -448,6 +450,7 @@ impl Binlog {
             durability: Durability::new(opts.fsync),
             failed: None,
             sparse_scratch: Vec::new(),
+            fsync_observer: None,
         };
         Ok((binlog, report))
     }
@@ -942,8 +945,18 @@ impl Binlog {
         }
     }
 
+    /// From now on every fdatasync of the tail is timed into `h` (seconds).
+    pub fn observe_fsyncs(&mut self, h: prometheus_client::metrics::histogram::Histogram) {
+        self.fsync_observer = Some(h);
+    }
+
     fn fsync_tail(&mut self) -> Result<(), BinlogError> {
-        if let Err(e) = self.tail.sync_data() {
+        let started = std::time::Instant::now();
+        let synced = self.tail.sync_data();
+        if let Some(h) = &self.fsync_observer {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = synced {
             self.failed = Some(format!("fsync failed: {e}"));
             return Err(BinlogError::Fsync(e));
         }

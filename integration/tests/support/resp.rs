@@ -139,26 +139,7 @@ pub fn tool(name: &str) -> PathBuf {
 /// `python3-redis` lands when `python3` is another installation) that can.
 /// `scripts/setup.sh` applies the same rule.
 pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TERN_PYTHON") {
-        return PathBuf::from(p);
-    }
-    for cand in ["python3", "/usr/bin/python3"] {
-        let ok = Command::new(cand)
-            .args(["-c", "import redis"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return PathBuf::from(cand);
-        }
-    }
-    panic!(
-        "no Python 3 with the `redis` module (tried python3 and /usr/bin/python3): run \
-         scripts/setup.sh (Debian package python3-redis)"
-    )
+    tern_integration::python_with("redis", "python3-redis")
 }
 
 /// The Python scripts of these tests (`integration/tests/resp/`).

@@ -204,6 +204,9 @@ pub(super) async fn handshake(
     {
         drop(pin);
         tracing::info!(?reason, %message, "TrySync: slave needs a full sync");
+        if let Some(m) = shared.metrics.get() {
+            m.partial_resync_denied(reason.as_str_name());
+        }
         shared.registry.update_if_gone(&slave_id, |e| {
             e.state = "need_full_sync";
         });

@@ -94,6 +94,8 @@ pub struct SyncShared {
     pub batches_from_files: AtomicU64,
     /// What each connected slave holds (semi-synchronous writes, `Admin.Wait`).
     pub acks: Arc<crate::acks::Acks>,
+    /// Set by the node: TrySyncs denied by reason are counted there.
+    pub metrics: std::sync::OnceLock<Arc<tern_common::metrics::Metrics>>,
 }
 
 impl SyncShared {
@@ -134,6 +136,7 @@ impl SyncShared {
             batches_from_memory: AtomicU64::new(0),
             batches_from_files: AtomicU64::new(0),
             acks: crate::acks::Acks::new(),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
