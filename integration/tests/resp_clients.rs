@@ -37,13 +37,19 @@ use tern_common::proto::kv::v1 as kv;
 use tern_integration::TestDir;
 use tern_integration::node::ClientAccess;
 
-/// A master and its slave, both with RESP on; the slave is connected.
+/// A master and its slave, both with RESP on; the slave streams from the
+/// master (INFO's `slave0` is `state=online`).
 async fn pair(dir: &TestDir, env: &[(&str, &str)], access: ClientAccess) -> (RespNode, RespNode) {
     let master = resp::start_master(dir, "master", env, access.clone()).await;
     let slave = resp::start_slave(dir, "slave", &master.node, env, access).await;
     support::wait_until("the slave to connect", support::DEADLINE, || async {
         let i = master.node.info().await.map_err(|e| format!("{e:#}"))?;
-        Ok((i.slaves.len() == 1).then_some(()))
+        let streaming = i
+            .slaves
+            .iter()
+            .filter(|s| s.session_id != 0 && s.state == "streaming")
+            .count();
+        Ok((i.slaves.len() == 1 && streaming == 1).then_some(()))
     })
     .await;
     (master, slave)
