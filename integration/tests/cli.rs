@@ -104,6 +104,21 @@ fn bad_environment_values_are_named() {
         &[("TERN__BINLOG__SEGMENT_BYTES", "lots")],
         &["segment_bytes"],
     );
+    expect_rejected(
+        &dir,
+        &[],
+        &[("TERN__SERVER__METRICS_LISTEN", "localhost:9400")],
+        &["server.metrics_listen", "localhost:9400"],
+    );
+    // A metrics port taken by someone else stops the start, and says so.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = taken.local_addr().expect("local_addr").to_string();
+    expect_rejected(
+        &dir,
+        &[],
+        &[("TERN__SERVER__METRICS_LISTEN", addr.as_str())],
+        &["metrics endpoint", addr.as_str()],
+    );
 }
 
 #[test]
