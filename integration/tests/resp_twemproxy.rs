@@ -23,7 +23,10 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use resp::{RespNode, Twemproxy, benchmark, binary_value, cli_output, expect, run_python};
+use resp::{
+    RespNode, Twemproxy, benchmark, binary_value, cli, cli_output, cli_output_with, expect,
+    out_text, run_python,
+};
 use support::{converge, scan_all};
 use tern_integration::TestDir;
 use tern_integration::node::ClientAccess;
@@ -268,5 +271,58 @@ async fn twemproxy_shards_over_two_masters() {
             ))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+}
+
+/// nutcracker's `redis_auth` in front of a master with `auth.token`: the
+/// proxy authenticates to tern with the token and asks its own clients for
+/// the same one (answering AUTH itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twemproxy_with_redis_auth() {
+    const TOKEN: &str = "proxy-token-8c2f41";
+    let dir = TestDir::new("resp-twemproxy-auth");
+    let access = ClientAccess {
+        token: Some(tern_common::config::Secret::new(TOKEN.to_string()).expect("a valid token")),
+        tls: None,
+    };
+    let master = resp::start_master(&dir, "master", &[("TERN__AUTH__TOKEN", TOKEN)], access).await;
+    let proxy =
+        Twemproxy::start_with_auth(&dir, &[("shard-a", master.resp_addr())], Some(TOKEN)).await;
+    let p = proxy.port;
+    let noauth = cli(p, &["SET", "k", "v"]);
+    assert!(noauth.contains("NOAUTH"), "SET without AUTH: {noauth}");
+    let out = cli_output_with(
+        p,
+        &["--no-auth-warning", "-a", "wrong"],
+        &["GET", "k"],
+        None,
+    );
+    assert!(
+        out_text(&out).contains("NOAUTH") || out_text(&out).contains("invalid password"),
+        "a wrong token: {}",
+        out_text(&out)
+    );
+    let with_token = |args: &[&str]| {
+        let out = cli_output_with(p, &["--no-auth-warning", "-a", TOKEN], args, None);
+        out_text(&out).trim_end().to_string()
+    };
+    assert_eq!(with_token(&["SET", "k", "through the proxy"]), "OK");
+    assert_eq!(with_token(&["INCRBY", "n", "7"]), "(integer) 7");
+    assert_eq!(with_token(&["GET", "k"]), "\"through the proxy\"");
+    // On tern itself (its own token), not only through the proxy.
+    let out = cli_output_with(
+        master.resp,
+        &["--no-auth-warning", "-a", TOKEN],
+        &["MGET", "k", "n"],
+        None,
+    );
+    assert_eq!(
+        out_text(&out).trim_end(),
+        "1) \"through the proxy\"\n2) \"7\""
+    );
+    expect(
+        master.resp,
+        &["GET", "k"],
+        "(error) NOAUTH Authentication required.",
     );
 }

@@ -343,12 +343,16 @@ pub struct Twemproxy {
 
 impl Twemproxy {
     /// The configuration of README's "Sharding" section for `servers`
-    /// (`name`, RESP address).
-    pub fn config(port: u16, servers: &[(&str, String)]) -> String {
+    /// (`name`, RESP address), with `redis_auth` when `auth` is given.
+    pub fn config(port: u16, servers: &[(&str, String)], auth: Option<&str>) -> String {
         let mut c = format!(
             "tern:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  distribution: ketama\n  \
-             redis: true\n  auto_eject_hosts: false\n  timeout: 10000\n  servers:\n"
+             redis: true\n  auto_eject_hosts: false\n  timeout: 10000\n"
         );
+        if let Some(token) = auth {
+            c.push_str(&format!("  redis_auth: {token}\n"));
+        }
+        c.push_str("  servers:\n");
         for (name, addr) in servers {
             c.push_str(&format!("   - {addr}:1 {name}\n"));
         }
@@ -359,9 +363,19 @@ impl Twemproxy {
     /// nutcracker on it (its stats port on a free port too); waits until a
     /// PING through it answers PONG.
     pub async fn start(dir: &TestDir, servers: &[(&str, String)]) -> Twemproxy {
+        Twemproxy::start_with_auth(dir, servers, None).await
+    }
+
+    /// As [`Twemproxy::start`], with `redis_auth: <auth>` when given (then
+    /// the PING it waits for may answer NOAUTH).
+    pub async fn start_with_auth(
+        dir: &TestDir,
+        servers: &[(&str, String)],
+        auth: Option<&str>,
+    ) -> Twemproxy {
         let port = tern_integration::pick_port();
         let stats = tern_integration::pick_port();
-        let config = Twemproxy::config(port, servers);
+        let config = Twemproxy::config(port, servers, auth);
         let conf_path = dir.join(format!("nutcracker-{port}.yml"));
         std::fs::write(&conf_path, &config).expect("writing nutcracker.yml");
         let log_path = dir.join(format!("nutcracker-{port}.log"));
@@ -399,7 +413,8 @@ impl Twemproxy {
                 panic!("nutcracker exited with {status}: {}", p.log_tail());
             }
             let out = cli_output(port, &["PING"], None);
-            if out_text(&out).trim() == "PONG" {
+            let text = out_text(&out);
+            if text.trim() == "PONG" || (auth.is_some() && text.contains("NOAUTH")) {
                 return p;
             }
             if Instant::now() > deadline {
