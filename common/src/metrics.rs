@@ -59,8 +59,18 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Metrics connections open at once at most.
 pub const MAX_CONNECTIONS: usize = 32;
-/// Label value of a request to a method the node does not serve.
+/// Label value of a request to a method the node does not serve (and of a
+/// RESP command it does not know).
 pub const OTHER_METHOD: &str = "other";
+
+/// The RESP front's commands, counted by name (`tern_commands_total{cmd}`);
+/// other names count as [`OTHER_METHOD`].
+const RESP_COMMANDS: &[&str] = &[
+    "PING", "ECHO", "HELLO", "AUTH", "SELECT", "QUIT", "CLIENT", "COMMAND", "CONFIG", "GET", "SET",
+    "DEL", "UNLINK", "EXISTS", "MGET", "MSET", "INCR", "INCRBY", "DECR", "DECRBY", "APPEND",
+    "STRLEN", "TYPE", "MULTI", "EXEC", "DISCARD", "WATCH", "SCAN", "DBSIZE", "INFO", "ROLE",
+    "WAIT",
+];
 
 /// A label set of one label.
 type OneLabel = [(&'static str, String); 1];
@@ -95,6 +105,7 @@ pub struct Metrics {
     partial_resync_denied: Family<OneLabel, Counter>,
     reconnects: Family<OneLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
+    resp_commands: Family<OneLabel, Counter>,
     /// gRPC paths the node serves (`/package.Service/Method`).
     methods: HashSet<String>,
 }
@@ -115,6 +126,7 @@ impl Metrics {
         let partial_resync_denied = Family::<OneLabel, Counter>::default();
         let reconnects = Family::<OneLabel, Counter>::default();
         let requests = Family::<RequestLabels, Counter>::default();
+        let resp_commands = Family::<OneLabel, Counter>::default();
         registry.register(
             "fsync_duration_seconds",
             "Time of one fdatasync of the binlog (master) or relay log (slave) tail",
@@ -140,6 +152,11 @@ impl Metrics {
             "gRPC requests answered, by method path and status code",
             requests.clone(),
         );
+        registry.register(
+            "commands",
+            "RESP front: commands received, by name (lower case; `other` for names it does not know)",
+            resp_commands.clone(),
+        );
         let source = Arc::new(SourceSlot::default());
         registry.register_collector(Box::new(InfoCollector {
             source: source.clone(),
@@ -152,6 +169,7 @@ impl Metrics {
             partial_resync_denied,
             reconnects,
             requests,
+            resp_commands,
             methods: known_methods(),
         })
     }
@@ -186,6 +204,15 @@ impl Metrics {
         self.reconnects
             .get_or_create(&[("reason", reason.to_string())])
             .inc();
+    }
+
+    /// The RESP front received a command named `name` (any case).
+    pub fn resp_command(&self, name: &[u8]) {
+        let cmd = RESP_COMMANDS
+            .iter()
+            .find(|c| c.as_bytes().eq_ignore_ascii_case(name))
+            .map_or_else(|| OTHER_METHOD.to_string(), |c| c.to_ascii_lowercase());
+        self.resp_commands.get_or_create(&[("cmd", cmd)]).inc();
     }
 
     /// A gRPC request to `path` was answered with `code`.

@@ -133,8 +133,8 @@ async fn scrape(addr: &str) -> Scrape {
     s
 }
 
-/// Sends `request` raw to `addr` and returns what came back until the
-/// server closed the connection (or 10 s passed).
+/// Sends `request` raw to `addr` (HTTP, or RESP) and returns what came back
+/// until the server closed the connection (or 10 s passed).
 fn raw_http(addr: &str, request: &[u8]) -> String {
     let mut c = std::net::TcpStream::connect(addr).expect("connecting to the metrics port");
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -153,9 +153,11 @@ fn status_line(answer: &str) -> &str {
 async fn master_and_slave_metrics_during_replication() {
     let dir = TestDir::new("metrics");
     let master_metrics = format!("127.0.0.1:{}", pick_port());
+    let master_resp = format!("127.0.0.1:{}", pick_port());
     let slave_metrics = format!("127.0.0.1:{}", pick_port());
     let mut master_env = FAST_LINK.to_vec();
     master_env.push(("TERN__SERVER__METRICS_LISTEN", master_metrics.as_str()));
+    master_env.push(("TERN__SERVER__RESP_LISTEN", master_resp.as_str()));
     let mut slave_env = FAST_LINK.to_vec();
     slave_env.push(("TERN__SERVER__METRICS_LISTEN", slave_metrics.as_str()));
     let mut master = Node::start_master(&dir.join("master"), &master_env, &[])
@@ -310,6 +312,17 @@ async fn master_and_slave_metrics_during_replication() {
         m2.dump("tern_replica_partial")
     );
 
+    // RESP commands, by name: two PINGs (one inline) and one unknown command.
+    let a = raw_http(
+        &master_resp,
+        b"*1\r\n$4\r\nPING\r\nping\r\n*1\r\n$5\r\nBOGUS\r\n*1\r\n$4\r\nQUIT\r\n",
+    );
+    assert!(a.starts_with("+PONG\r\n+PONG\r\n-ERR"), "{a:?}");
+    let m3 = scrape(&master_metrics).await;
+    assert_eq!(m3.value("tern_commands_total", &[("cmd", "ping")]), 2.0);
+    assert_eq!(m3.value("tern_commands_total", &[("cmd", "other")]), 1.0);
+    assert_eq!(m3.value("tern_commands_total", &[("cmd", "quit")]), 1.0);
+
     // Not /metrics; not GET; garbage; a head over the limit. Then the node
     // still serves.
     let a = raw_http(
@@ -382,7 +395,7 @@ async fn master_and_slave_metrics_during_replication() {
         count(&after)
     );
     assert_eq!(s2.value("tern_master_link_up", &[]), 1.0);
-    let m3 = scrape(&master_metrics).await;
-    assert_eq!(m3.value("tern_connected_slaves", &[]), 1.0);
+    let m4 = scrape(&master_metrics).await;
+    assert_eq!(m4.value("tern_connected_slaves", &[]), 1.0);
     assert!(master.info().await.is_ok(), "the master still serves");
 }

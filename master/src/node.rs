@@ -457,6 +457,7 @@ pub async fn run(
             auth: serve_opts.auth.clone(),
             max_connections: cfg.server.max_connections,
             idle_timeout: cfg.server.idle_timeout(),
+            metrics: Some(metrics.clone()),
         },
         shutdown.clone(),
     )?;

@@ -515,6 +515,7 @@ async fn run_once(
             auth: serve_opts.auth.clone(),
             max_connections: cfg.server.max_connections,
             idle_timeout: cfg.server.idle_timeout(),
+            metrics: Some(metrics.clone()),
         },
         shutdown.clone(),
     )?;

@@ -70,6 +70,8 @@ pub struct RespNode {
     pub max_connections: usize,
     /// `server.idle_timeout_ms` (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Commands are counted there (`tern_commands_total{cmd}`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Shared by the connections of one front.
@@ -264,6 +266,9 @@ impl<'a> Connection<'a> {
                     Ok(Some(args)) => {
                         if !args.is_empty() {
                             self.shared.total_commands.fetch_add(1, Ordering::Relaxed);
+                            if let Some(m) = &self.shared.node.metrics {
+                                m.resp_command(&args[0]);
+                            }
                             self.command(args).await;
                         }
                         if self.out.len() >= FLUSH_BYTES {
