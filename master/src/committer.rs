@@ -1265,8 +1265,18 @@ impl TxnValues {
 
 /// Appends the records of a transaction holding only `kind` (a consistency
 /// check event) at `next_index`, which it advances.
-fn push_txn(records: &mut Vec<u8>, next_index: &mut u64, seq: u64, commit_ts: u64, kind: EventKind) {
-    for kind in [EventKind::Begin { seq, commit_ts }, kind, EventKind::Commit { seq }] {
+fn push_txn(
+    records: &mut Vec<u8>,
+    next_index: &mut u64,
+    seq: u64,
+    commit_ts: u64,
+    kind: EventKind,
+) {
+    for kind in [
+        EventKind::Begin { seq, commit_ts },
+        kind,
+        EventKind::Commit { seq },
+    ] {
         encode_record(
             &Event {
                 index: *next_index,

@@ -523,7 +523,10 @@ mod tests {
         assert_eq!(segs.len(), 2);
         assert!(segs[0].point && segs[0].index == 6 && segs[0].batch.len() == 1);
         assert!(!segs[1].point && segs[1].index == 10 && segs[1].batch.len() == 1);
-        assert_eq!(segs[1].digests, vec![(6, bytes::Bytes::from(vec![7; 32]), 1)]);
+        assert_eq!(
+            segs[1].digests,
+            vec![(6, bytes::Bytes::from(vec![7; 32]), 1)]
+        );
         // A point ending the input leaves no empty segment behind.
         let segs = collect(point(1, 1), 0, &mut carry, &mut skipped).unwrap();
         assert_eq!(segs.len(), 1);

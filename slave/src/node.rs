@@ -195,7 +195,17 @@ pub async fn run(
     let master = watch::channel(cfg.slave.master.clone()).0;
     loop {
         let l = TcpListener::from_std(listener.try_clone()?)?;
-        match run_once(l, &cfg, &status, &reads_refused, &verify, &master, &shutdown).await? {
+        match run_once(
+            l,
+            &cfg,
+            &status,
+            &reads_refused,
+            &verify,
+            &master,
+            &shutdown,
+        )
+        .await?
+        {
             LinkExit::Shutdown => return Ok(()),
             LinkExit::FullSyncStaged(staged) => {
                 tracing::info!(
