@@ -413,10 +413,13 @@ impl Connection<'_> {
             let checked = match plan(&name, &args) {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) if queueable(&name) => Ok(()),
-                Ok(None) => Err(err(format!(
-                    "ERR '{}' is not supported inside MULTI",
-                    name.to_ascii_lowercase()
-                ))),
+                Ok(None) if COMMANDS.iter().any(|c| c.0.eq_ignore_ascii_case(&name)) => {
+                    Err(err(format!(
+                        "ERR '{}' is not supported inside MULTI",
+                        name.to_ascii_lowercase()
+                    )))
+                }
+                Ok(None) => Err(unknown(&args)),
                 Err(e) => Err(e),
             };
             match checked {
@@ -502,20 +505,7 @@ impl Connection<'_> {
             "WAIT" if n == 3 => return self.wait(&args[1], &args[2]).await,
             "ECHO" | "SELECT" | "AUTH" | "CLIENT" | "TYPE" | "MULTI" | "EXEC" | "DISCARD"
             | "UNWATCH" | "SCAN" | "DBSIZE" | "ROLE" | "WAIT" | "CONFIG" => arity(&name),
-            _ => {
-                let mut msg = format!(
-                    "ERR unknown command '{}', with args beginning with: ",
-                    String::from_utf8_lossy(&args[0])
-                        .chars()
-                        .take(128)
-                        .collect::<String>()
-                );
-                for a in args.iter().skip(1).take(8) {
-                    let a: String = String::from_utf8_lossy(a).chars().take(64).collect();
-                    msg.push_str(&format!("'{a}' "));
-                }
-                err(msg)
-            }
+            _ => unknown(&args),
         };
         self.reply(reply);
     }
@@ -902,6 +892,22 @@ impl Connection<'_> {
         };
         self.reply(reply);
     }
+}
+
+/// Redis's answer to a command it does not know.
+fn unknown(args: &[Bytes]) -> BytesFrame {
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        String::from_utf8_lossy(&args[0])
+            .chars()
+            .take(128)
+            .collect::<String>()
+    );
+    for a in args.iter().skip(1).take(8) {
+        let a: String = String::from_utf8_lossy(a).chars().take(64).collect();
+        msg.push_str(&format!("'{a}' "));
+    }
+    err(msg)
 }
 
 /// COMMAND, COMMAND COUNT, COMMAND DOCS, COMMAND INFO name...

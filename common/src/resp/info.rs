@@ -139,10 +139,14 @@ fn replication(out: &mut String, info: &admin::InfoResponse) {
             info.slaves.iter().filter(|s| s.session_id != 0).count(),
         );
         line(out, "tern_link_state", &link.state);
+        // Without `,` and `=`: clients (redis-py) read a value holding both
+        // as a list of `k=v` pairs and fail on any other part.
         line(
             out,
             "tern_link_last_error",
-            link.last_error.replace(['\r', '\n'], " "),
+            link.last_error
+                .replace(['\r', '\n'], " ")
+                .replace([',', '='], ";"),
         );
         line(out, "tern_read_floor", info.read_floor);
     }
