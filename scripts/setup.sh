@@ -32,22 +32,13 @@ have_libclang() {
   return 1
 }
 
-# The RESP tests run the first of python3 and /usr/bin/python3 that can
-# import redis (see python() in integration/tests/support/resp.rs).
-have_python_redis() {
+# The RESP tests (see python() in integration/tests/support/resp.rs) and
+# integration/tests/metrics.rs run the first of python3 and /usr/bin/python3
+# that can import the module they need.
+have_python_module() {
   local p
   for p in python3 /usr/bin/python3; do
-    "$p" -c 'import redis' >/dev/null 2>&1 && return 0
-  done
-  return 1
-}
-
-# integration/tests/metrics.rs runs the first of python3 and /usr/bin/python3
-# that can import prometheus_client.
-have_python_prometheus() {
-  local p
-  for p in python3 /usr/bin/python3; do
-    "$p" -c 'import prometheus_client' >/dev/null 2>&1 && return 0
+    "$p" -c "import $1" >/dev/null 2>&1 && return 0
   done
   return 1
 }
@@ -58,8 +49,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 { command -v redis-cli && command -v redis-benchmark; } >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need_apt+=(nutcracker)
-have_python_redis || need_apt+=(python3-redis)
-have_python_prometheus || need_apt+=(python3-prometheus-client)
+have_python_module redis || need_apt+=(python3-redis)
+have_python_module prometheus_client || need_apt+=(python3-prometheus-client)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -68,15 +59,15 @@ if ((${#need_apt[@]})); then
 fi
 
 # A python3 that is not Debian's (pyenv, a venv) does not see python3-redis.
-if ! have_python_redis; then
+if ! have_python_module redis; then
   echo "setup: installing the Python redis module (pip)" >&2
   python3 -m pip install -q redis >/dev/null 2>&1 || python3 -m pip install -q --user redis
-  have_python_redis || echo "setup: warning: no python3 can import redis" >&2
+  have_python_module redis || echo "setup: warning: no python3 can import redis" >&2
 fi
-if ! have_python_prometheus; then
+if ! have_python_module prometheus_client; then
   echo "setup: installing the Python prometheus_client module (pip)" >&2
   python3 -m pip install -q prometheus-client >/dev/null 2>&1 || python3 -m pip install -q --user prometheus-client
-  have_python_prometheus || echo "setup: warning: no python3 can import prometheus_client" >&2
+  have_python_module prometheus_client || echo "setup: warning: no python3 can import prometheus_client" >&2
 fi
 
 if ! command -v grpcurl >/dev/null 2>&1; then

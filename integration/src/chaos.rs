@@ -478,7 +478,8 @@ fn link_env() -> Vec<(String, String)> {
     ]
 }
 
-fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+/// Borrowed `(key, value)` pairs of owned ones (for `Node::start_*`).
+pub fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
 }
 

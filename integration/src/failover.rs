@@ -46,6 +46,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tern_common::proto::admin::v1 as admin;
 
+use crate::chaos::as_refs;
 use crate::node::Node;
 use crate::workload::{Load, Workload};
 
@@ -165,20 +166,12 @@ fn env() -> Vec<(String, String)> {
     ]
 }
 
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
 fn counters(i: &admin::InfoResponse) -> admin::Counters {
     i.counters.unwrap_or_default()
 }
 
 fn link(i: &admin::InfoResponse) -> admin::LinkInfo {
     i.link.clone().unwrap_or_default()
-}
-
-async fn info(node: &Node) -> anyhow::Result<admin::InfoResponse> {
-    node.info().await
 }
 
 /// Polls `f` until it gives `Some`, for at most [`WAIT`].
@@ -227,14 +220,14 @@ impl Cluster {
     /// Waits until every slave follows the master's history, is connected
     /// and has received at least `min_index`.
     async fn settled(&self, min_index: u64) -> anyhow::Result<()> {
-        let repl_id = info(&self.members[self.master()].node).await?.repl_id;
+        let repl_id = self.members[self.master()].node.info().await?.repl_id;
         for i in self.slaves() {
             let m = &self.members[i];
             let repl_id = repl_id.clone();
             wait_for(&format!("{} to follow {repl_id}", m.name), || {
                 let repl_id = repl_id.clone();
                 async move {
-                    let i = info(&m.node).await.map_err(|e| format!("{e:#}"))?;
+                    let i = m.node.info().await.map_err(|e| format!("{e:#}"))?;
                     let l = link(&i);
                     if i.repl_id == repl_id
                         && l.state == "connected"
@@ -258,7 +251,7 @@ impl Cluster {
     async fn converge(&self) -> anyhow::Result<u64> {
         let master = &self.members[self.master()].node;
         wait_for("every node to apply the master's last index", || async {
-            let mi = info(master).await.map_err(|e| format!("{e:#}"))?;
+            let mi = master.info().await.map_err(|e| format!("{e:#}"))?;
             let target = mi.last_index;
             let mut behind = Vec::new();
             if mi.applied_index != target {
@@ -266,7 +259,7 @@ impl Cluster {
             }
             for i in self.slaves() {
                 let m = &self.members[i];
-                let si = info(&m.node).await.map_err(|e| format!("{e:#}"))?;
+                let si = m.node.info().await.map_err(|e| format!("{e:#}"))?;
                 if si.applied_index != target {
                     behind.push(format!(
                         "{} applied {} link {} {}",
@@ -295,7 +288,7 @@ pub async fn run(cfg: &FailoverConfig) -> anyhow::Result<FailoverReport> {
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let env = env();
-    let master = Node::start_master(&cfg.dir.join("n0"), &refs(&env), &[]).await?;
+    let master = Node::start_master(&cfg.dir.join("n0"), &as_refs(&env), &[]).await?;
     let murl = master.url();
     let mut members = vec![Member {
         name: "n0".into(),
@@ -304,7 +297,7 @@ pub async fn run(cfg: &FailoverConfig) -> anyhow::Result<FailoverReport> {
     }];
     for n in 1..=2 {
         let node =
-            Node::start_slave(&cfg.dir.join(format!("n{n}")), &murl, &refs(&env), &[]).await?;
+            Node::start_slave(&cfg.dir.join(format!("n{n}")), &murl, &as_refs(&env), &[]).await?;
         members.push(Member {
             name: format!("n{n}"),
             node,
@@ -313,7 +306,7 @@ pub async fn run(cfg: &FailoverConfig) -> anyhow::Result<FailoverReport> {
     }
     // The chain: n3 follows n1.
     let n1 = members[1].node.url();
-    let node = Node::start_slave(&cfg.dir.join("n3"), &n1, &refs(&env), &[]).await?;
+    let node = Node::start_slave(&cfg.dir.join("n3"), &n1, &as_refs(&env), &[]).await?;
     members.push(Member {
         name: "n3".into(),
         node,
@@ -393,7 +386,7 @@ pub async fn run(cfg: &FailoverConfig) -> anyhow::Result<FailoverReport> {
                     .push(format!("{}: {what} writes: {e:#}", m.name));
             }
         }
-        let i = info(&m.node).await?;
+        let i = m.node.info().await?;
         if counters(&i).duplicates_skipped != 0 {
             report.divergences.push(format!(
                 "{}: duplicates_skipped = {}",
@@ -504,7 +497,7 @@ async fn failover(
         .entry("master SIGKILL + promotion")
         .or_default() += 1;
     let old = cluster.master();
-    let old_repl = info(&cluster.members[old].node).await?.repl_id;
+    let old_repl = cluster.members[old].node.info().await?.repl_id;
     if let Some((i, frozen)) = lagging {
         *report
             .faults
@@ -529,7 +522,7 @@ async fn failover(
     for &i in &direct {
         let m = &cluster.members[i];
         wait_for(&format!("{} to lose its master", m.name), || async move {
-            let i = info(&m.node).await.map_err(|e| format!("{e:#}"))?;
+            let i = m.node.info().await.map_err(|e| format!("{e:#}"))?;
             Ok((link(&i).state != "connected").then_some(()))
         })
         .await?;
@@ -537,7 +530,7 @@ async fn failover(
     let mut best: Option<(u64, usize)> = None;
     let mut before = BTreeMap::new();
     for i in cluster.slaves() {
-        let si = info(&cluster.members[i].node).await?;
+        let si = cluster.members[i].node.info().await?;
         let received = link(&si).received_index;
         before.insert(i, (counters(&si).full_syncs, counters(&si).partial_syncs));
         if si.repl_id == old_repl && best.is_none_or(|(r, _)| received > r) {
@@ -564,9 +557,9 @@ async fn failover(
     tracing::info!(node = %pm.name, fork, "promoting");
     pm.node.sigterm_and_wait().await?;
     let dir = pm.node.data_dir.clone();
-    pm.node = Node::start_master(&dir, &refs(&env), &[]).await?;
+    pm.node = Node::start_master(&dir, &as_refs(&env), &[]).await?;
     pm.upstream = None;
-    let ni = info(&pm.node).await?;
+    let ni = pm.node.info().await?;
     let new_url = pm.node.url();
     match ni.histories.last() {
         Some(h) if h.repl_id == old_repl && h.end_index == fork => {}
@@ -602,14 +595,14 @@ async fn failover(
         .copied()
         .unwrap_or(0);
     let m = &mut cluster.members[old];
-    m.node = Node::start_slave(&old_dir, &new_url, &refs(&env), &[]).await?;
+    m.node = Node::start_slave(&old_dir, &new_url, &as_refs(&env), &[]).await?;
     m.upstream = Some(p);
     cluster.settled(fork).await?;
 
     // Who resynced how.
     for i in cluster.slaves() {
         let m = &cluster.members[i];
-        let si = info(&m.node).await?;
+        let si = m.node.info().await?;
         let c = counters(&si);
         if i == old {
             let ahead = old_last > fork;

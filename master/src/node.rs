@@ -455,8 +455,6 @@ pub async fn run(
             info: info.clone(),
             control: wait.clone(),
             auth: serve_opts.auth.clone(),
-            max_connections: cfg.server.max_connections,
-            idle_timeout: cfg.server.idle_timeout(),
             metrics: Some(metrics.clone()),
         },
         shutdown.clone(),

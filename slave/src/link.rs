@@ -674,9 +674,8 @@ impl Link {
             changed
         });
         if moved {
-            let progress = &self.downstream.progress;
-            progress.record_commit(received);
-            progress.publish_relay(&self.relay);
+            // The callers published the relay log (and so this index) already.
+            self.downstream.progress.record_commit(received);
         }
         received
     }

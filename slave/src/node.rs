@@ -523,8 +523,6 @@ async fn run_once(
             info: info.clone(),
             control: control.clone(),
             auth: serve_opts.auth.clone(),
-            max_connections: cfg.server.max_connections,
-            idle_timeout: cfg.server.idle_timeout(),
             metrics: Some(metrics.clone()),
         },
         shutdown.clone(),

@@ -63,6 +63,7 @@ struct Points {
     theirs: BTreeMap<u64, (String, u64)>,
 }
 
+#[derive(Clone)]
 pub struct Verifier {
     state: State,
     data_dir: PathBuf,
@@ -119,7 +120,7 @@ impl Verifier {
                 p.ours.pop_first();
             }
         }
-        let me = self.handle();
+        let me = self.clone();
         let spawned = self.state.digest_in_background(move |r| {
             let ours = match r {
                 Ok(c) if c.index == point => Ours::Done {
@@ -168,16 +169,6 @@ impl Verifier {
                 "consistency check skipped: this slave did not digest that point (it started or \
                  full-synced after it)"
             ),
-        }
-    }
-
-    fn handle(&self) -> Verifier {
-        Verifier {
-            state: self.state.clone(),
-            data_dir: self.data_dir.clone(),
-            stop_reads: self.stop_reads,
-            stats: self.stats.clone(),
-            points: self.points.clone(),
         }
     }
 

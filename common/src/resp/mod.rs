@@ -66,17 +66,25 @@ pub struct RespNode {
     pub info: Arc<dyn InfoSource>,
     pub control: Arc<dyn AdminControl>,
     pub auth: Auth,
-    /// `server.max_connections`.
-    pub max_connections: usize,
-    /// `server.idle_timeout_ms` (None: never).
-    pub idle_timeout: Option<Duration>,
     /// Commands are counted there (`tern_commands_total{cmd}`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// The front's bounds, from `[server]`.
+struct Limits {
+    /// `server.max_connections`.
+    max_connections: usize,
+    /// `server.idle_timeout_ms` (None: never).
+    idle_timeout: Option<Duration>,
+    /// `server.shutdown_timeout_ms`: how long connections may finish after
+    /// the shutdown signal.
+    shutdown_timeout: Duration,
 }
 
 /// Shared by the connections of one front.
 struct Shared {
     node: RespNode,
+    idle_timeout: Option<Duration>,
     port: u16,
     started: Instant,
     connections: Arc<Semaphore>,
@@ -132,22 +140,22 @@ pub fn start(
     let listener = crate::server::bind(addr)
         .map_err(|e| anyhow::anyhow!("binding the RESP front on {addr}: {e}"))?;
     tracing::info!(resp_listen = %addr, "RESP (Redis protocol) front listening");
-    let timeout = cfg.shutdown_timeout();
-    Ok(Some(tokio::spawn(serve(listener, node, shutdown, timeout))))
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.idle_timeout(),
+        shutdown_timeout: cfg.shutdown_timeout(),
+    };
+    Ok(Some(tokio::spawn(serve(listener, node, limits, shutdown))))
 }
 
 /// Serves the RESP front on `listener` until `shutdown`, then lets open
-/// connections finish what they queued for at most `timeout` and closes
-/// them.
-pub async fn serve(
-    listener: TcpListener,
-    node: RespNode,
-    shutdown: CancellationToken,
-    timeout: Duration,
-) {
+/// connections finish what they queued for at most
+/// `limits.shutdown_timeout` and closes them.
+async fn serve(listener: TcpListener, node: RespNode, limits: Limits, shutdown: CancellationToken) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let shared = Arc::new(Shared {
-        connections: Arc::new(Semaphore::new(node.max_connections.max(1))),
+        connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        idle_timeout: limits.idle_timeout,
         node,
         port,
         started: Instant::now(),
@@ -197,7 +205,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let drained = tokio::time::timeout(timeout, async {
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -258,7 +266,7 @@ impl<'a> Connection<'a> {
     ) -> std::io::Result<()> {
         let mut input = BytesMut::with_capacity(16 << 10);
         let mut decoder = parse::Decoder::default();
-        let idle = self.shared.node.idle_timeout;
+        let idle = self.shared.idle_timeout;
         loop {
             // Run every complete command received.
             loop {
