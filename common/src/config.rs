@@ -77,7 +77,15 @@ pub struct ServerConfig {
     /// `HOST:PORT`; unset = off.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Threads of the async runtime (network, gRPC, RESP, sync sessions);
+    /// 0 = the machine's cores less one, at least one. The master's
+    /// committer and the slave's applier run on threads of their own.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
+
+/// `server.worker_threads` at most.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 fn default_request_timeout_ms() -> u64 {
     30_000
@@ -107,6 +115,25 @@ impl ServerConfig {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The runtime's worker threads: `worker_threads`, or for 0 the cores
+    /// less the one the committer (master) or applier (slave) keeps busy.
+    pub fn runtime_threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+
+    /// The node's async runtime, with [`runtime_threads`](Self::runtime_threads)
+    /// workers.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.runtime_threads())
+            .enable_all()
+            .build()
     }
 }
 
@@ -547,6 +574,12 @@ impl Config {
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
         }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return bad(format!(
+                "server.worker_threads {} is more than {MAX_WORKER_THREADS} (0 = the cores less one)",
+                self.server.worker_threads
+            ));
+        }
         let s = &self.server;
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             return bad("server.tls_cert and server.tls_key must be set together".into());
@@ -680,6 +713,24 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_default_to_the_cores_less_one() {
+        let c = Config::load_from_env(Role::Master, &CommonArgs::default(), &[], env(&[])).unwrap();
+        assert_eq!(c.server.worker_threads, 0);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.server.runtime_threads(), cores.saturating_sub(1).max(1));
+        let c = Config::load_from_env(
+            Role::Slave,
+            &CommonArgs::default(),
+            &[],
+            env(&[("TERN__SERVER__WORKER_THREADS", "3")]),
+        )
+        .unwrap();
+        assert_eq!(c.server.runtime_threads(), 3);
+        let rt = c.server.runtime().unwrap();
+        assert_eq!(rt.metrics().num_workers(), 3);
+    }
+
+    #[test]
     fn typos_and_bad_values_are_errors() {
         let e = Config::load_from_env(
             Role::Master,
@@ -705,6 +756,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("server.max_connections"), "{e}");
+        let e = Config::load_from_env(
+            Role::Master,
+            &CommonArgs::default(),
+            &[],
+            env(&[("TERN__SERVER__WORKER_THREADS", "1025")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("server.worker_threads 1025 is more than 1024"),
+            "{e}"
+        );
         let e = Config::load_from_env(
             Role::Master,
             &CommonArgs::default(),

@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match cfg.server.runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tern-slave: starting the runtime: {e}");
