@@ -18,8 +18,9 @@
 #   d. row a on the master alone (run before the replica/slave is started),
 #      and with/without replica;
 #   e. replication lag at half of that system's row-a rate, and with the master
-#      saturated (rate = 10 x row a): tern-bench repl for tern, redis-lag for
-#      Redis (master ack -> replica/slave read sees the write);
+#      saturated (rate = 10 x row a): tern-bench repl for tern (its writers on
+#      Kv.Pipeline streams, as in row a), redis-lag for Redis (master ack ->
+#      replica/slave read sees the write);
 #   f. 1 client, write + wait for 1 replica (semi-synchronous): Redis SET then
 #      WAIT 1 0 per write (redis-lag --wait-replicas 1); tern Put with
 #      min_replicas=1 (tern-bench kv --min-replicas 1, with TERN_KV_FLAGS as
@@ -102,6 +103,10 @@ THREAD_FLAGS=()
 if "$BIN/tern-bench" kv --help | grep -q -- --threads; then
     THREAD_FLAGS=(--threads "$CLIENT_THREADS")
 fi
+# tern-bench repl --pipeline (a newer flag): the lag writers use Kv.Pipeline
+# streams like row a, so "saturated" loads both systems as hard as row a does.
+REPL_FLAGS=()
+if "$BIN/tern-bench" repl --help | grep -q -- --pipeline; then REPL_FLAGS=(--pipeline); fi
 if [[ -n "$TERN_KV_FLAGS" ]]; then TERN_MODE="tern-bench kv $TERN_KV_FLAGS"; else TERN_MODE="unary Kv.Put calls"; fi
 [[ $HAS_PIPELINE -eq 1 ]] || TERN_MODE="$TERN_MODE (this tern-bench has no --pipeline)"
 say "tern mode: $TERN_MODE"
@@ -227,7 +232,7 @@ tern_lag() { # RATE
     say "  tern-bench repl --rate $1"
     lag_fields "$("$BIN/tern-bench" repl --master "$TM_URL" --slave "$TS_URL" --rate "$1" \
         --concurrency "$CLIENTS" --duration "$DURATION" --value-size "$VALUE_SIZE" \
-        --keys "$KEYS" --catchup 1s --json)"
+        --keys "$KEYS" --catchup 1s "${REPL_FLAGS[@]}" --json)"
 }
 
 # Results: V[system:round:metric] (system R or T).

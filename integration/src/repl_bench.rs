@@ -22,8 +22,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tern_common::proto::admin::v1::{InfoRequest, admin_client::AdminClient};
-use tern_common::proto::kv::v1::{GetRequest, PutRequest, kv_client::KvClient};
-use tokio::sync::{Mutex, Semaphore};
+use tern_common::proto::kv::v1::{
+    GetRequest, Op, PipelineRequest, PipelineResponse, PutRequest, kv_client::KvClient, op,
+};
+use tokio::sync::{Mutex, Semaphore, mpsc};
 use tonic::transport::{Channel, Endpoint};
 
 pub struct ReplBenchArgs {
@@ -39,6 +41,69 @@ pub struct ReplBenchArgs {
     /// Measure the lag of one write in this many.
     pub sample_every: u64,
     pub catchup: Duration,
+    /// Each writer puts on one `Kv.Pipeline` stream, one write in flight (as
+    /// `tern-bench kv --pipeline 1`), instead of unary `Kv.Put` calls.
+    pub pipeline: bool,
+}
+
+/// How one writer sends its Puts: unary calls, or one `Kv.Pipeline` stream
+/// with one write in flight.
+enum Putter {
+    Unary(KvClient<Channel>),
+    Stream {
+        tx: mpsc::Sender<PipelineRequest>,
+        answers: tonic::Streaming<PipelineResponse>,
+        id: u64,
+    },
+}
+
+impl Putter {
+    async fn new(master: Channel, pipeline: bool) -> anyhow::Result<Putter> {
+        let mut kv = KvClient::new(master);
+        if !pipeline {
+            return Ok(Putter::Unary(kv));
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let answers = kv
+            .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .context("opening a Kv.Pipeline stream")?
+            .into_inner();
+        Ok(Putter::Stream { tx, answers, id: 0 })
+    }
+
+    /// Puts `key` and returns its commit index; `None` when it failed.
+    async fn put(&mut self, key: Bytes, value: Bytes) -> Option<u64> {
+        match self {
+            Putter::Unary(kv) => kv
+                .put(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().index),
+            Putter::Stream { tx, answers, id } => {
+                *id += 1;
+                let put = op::Op::Put(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                });
+                let req = PipelineRequest {
+                    id: *id,
+                    ops: vec![Op { op: Some(put) }],
+                    ..Default::default()
+                };
+                tx.send(req).await.ok()?;
+                match answers.message().await {
+                    Ok(Some(a)) if a.code == 0 => Some(a.index),
+                    _ => None,
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +206,7 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
     let per_task = Duration::from_secs_f64(a.concurrency as f64 / a.rate.max(1) as f64);
     let mut tasks = Vec::new();
     for t in 0..a.concurrency as u64 {
-        let mut kv = KvClient::new(master.clone());
+        let mut putter = Putter::new(master.clone(), a.pipeline).await?;
         let slave_kv = KvClient::new(slave.clone());
         let (value, lag, lag_errors, writes, readers) = (
             value.clone(),
@@ -159,19 +224,11 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
                 tick.tick().await;
                 let k = key(n % keys);
                 n += 1;
-                let Ok(resp) = kv
-                    .put(PutRequest {
-                        key: k.clone(),
-                        value: value.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                else {
+                let Some(index) = putter.put(k.clone(), value.clone()).await else {
                     lag_errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 let acked = Instant::now();
-                let index = resp.into_inner().index;
                 let w = writes.fetch_add(1, Ordering::Relaxed);
                 if w % sample_every != 0 {
                     continue;
@@ -236,18 +293,12 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..a.concurrency as u64 {
-        let mut kv = KvClient::new(master.clone());
+        let mut putter = Putter::new(master.clone(), a.pipeline).await?;
         let (value, stop, keys) = (value.clone(), stop.clone(), a.keys);
         tasks.push(tokio::spawn(async move {
             let mut n = t;
             while !stop.load(Ordering::Relaxed) {
-                let _ = kv
-                    .put(PutRequest {
-                        key: key(n % keys),
-                        value: value.clone(),
-                        ..Default::default()
-                    })
-                    .await;
+                let _ = putter.put(key(n % keys), value.clone()).await;
                 n += 1;
             }
         }));

@@ -102,6 +102,10 @@ struct ReplArgs {
     /// How long the slave stays frozen while the master writes flat out.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     catchup: Duration,
+    /// Each writer puts on one Kv.Pipeline stream with one write in flight
+    /// (as `kv --pipeline 1`) instead of unary Kv.Put calls.
+    #[arg(long)]
+    pipeline: bool,
     #[arg(long)]
     json: bool,
 }
@@ -414,6 +418,7 @@ fn main() -> anyhow::Result<()> {
                     keys: a.keys,
                     sample_every: a.sample_every,
                     catchup: a.catchup,
+                    pipeline: a.pipeline,
                 },
             ))?;
             report.print(json);
