@@ -23,7 +23,6 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -40,7 +39,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
@@ -63,17 +61,10 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// RESP command it does not know).
 pub const OTHER_METHOD: &str = "other";
 
-/// The RESP front's commands, counted by name (`tern_commands_total{cmd}`);
-/// other names count as [`OTHER_METHOD`].
-const RESP_COMMANDS: &[&str] = &[
-    "PING", "ECHO", "HELLO", "AUTH", "SELECT", "QUIT", "CLIENT", "COMMAND", "CONFIG", "GET", "SET",
-    "DEL", "UNLINK", "EXISTS", "MGET", "MSET", "INCR", "INCRBY", "DECR", "DECRBY", "APPEND",
-    "STRLEN", "TYPE", "MULTI", "EXEC", "DISCARD", "WATCH", "SCAN", "DBSIZE", "INFO", "ROLE",
-    "WAIT",
-];
-
 /// A label set of one label.
 type OneLabel = [(&'static str, String); 1];
+/// A label set of one label whose values are a fixed set of names.
+type StaticLabel = [(&'static str, &'static str); 1];
 /// `method` and `code`.
 type RequestLabels = [(&'static str, String); 2];
 
@@ -103,9 +94,9 @@ pub struct Metrics {
     /// Transactions in one group commit of the master's committer.
     pub group_transactions: Histogram,
     partial_resync_denied: Family<OneLabel, Counter>,
-    reconnects: Family<OneLabel, Counter>,
+    reconnects: Family<StaticLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
-    resp_commands: Family<OneLabel, Counter>,
+    resp_commands: Family<StaticLabel, Counter>,
     /// gRPC paths the node serves (`/package.Service/Method`).
     methods: HashSet<String>,
 }
@@ -124,9 +115,9 @@ impl Metrics {
         // 1 .. 4096 transactions.
         let group_transactions = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         let partial_resync_denied = Family::<OneLabel, Counter>::default();
-        let reconnects = Family::<OneLabel, Counter>::default();
+        let reconnects = Family::<StaticLabel, Counter>::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let resp_commands = Family::<OneLabel, Counter>::default();
+        let resp_commands = Family::<StaticLabel, Counter>::default();
         registry.register(
             "fsync_duration_seconds",
             "Time of one fdatasync of the binlog (master) or relay log (slave) tail",
@@ -201,17 +192,16 @@ impl Metrics {
 
     /// A slave's session with its master ended for `reason` (a short stable name).
     pub fn reconnect(&self, reason: &'static str) {
-        self.reconnects
-            .get_or_create(&[("reason", reason.to_string())])
-            .inc();
+        self.reconnects.get_or_create(&[("reason", reason)]).inc();
     }
 
-    /// The RESP front received a command named `name` (any case).
+    /// The RESP front received a command named `name` (any case): counted
+    /// under its lower-case name if the front serves it, else as
+    /// [`OTHER_METHOD`].
     pub fn resp_command(&self, name: &[u8]) {
-        let cmd = RESP_COMMANDS
-            .iter()
+        let cmd = crate::resp::command_names()
             .find(|c| c.as_bytes().eq_ignore_ascii_case(name))
-            .map_or_else(|| OTHER_METHOD.to_string(), |c| c.to_ascii_lowercase());
+            .unwrap_or(OTHER_METHOD);
         self.resp_commands.get_or_create(&[("cmd", cmd)]).inc();
     }
 
@@ -743,14 +733,14 @@ pub fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    let Some(addr) = &cfg.metrics_listen else {
+    let Some((listener, addr)) = crate::server::bind_optional(
+        "server.metrics_listen",
+        cfg.metrics_listen.as_deref(),
+        "the metrics endpoint",
+    )?
+    else {
         return Ok(None);
     };
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| anyhow::anyhow!("server.metrics_listen {addr:?}: {e}"))?;
-    let listener = crate::server::bind(addr)
-        .map_err(|e| anyhow::anyhow!("binding the metrics endpoint on {addr}: {e}"))?;
     tracing::info!(metrics_listen = %addr, "Prometheus metrics at http://{addr}/metrics");
     Ok(Some(tokio::spawn(serve(listener, metrics, shutdown))))
 }
@@ -761,7 +751,6 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -777,9 +766,9 @@ pub async fn serve(
         };
         while tasks.try_join_next().is_some() {}
         // Over the limit: the connection is closed unanswered.
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        if tasks.len() >= MAX_CONNECTIONS {
             continue;
-        };
+        }
         let metrics = metrics.clone();
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -795,7 +784,6 @@ pub async fn serve(
             if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
-            drop(permit);
         });
     }
     drop(listener);

@@ -245,6 +245,24 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Binds the listener of an optional `HOST:PORT` config key (`key`, e.g.
+/// `server.resp_listen`) that serves `what`: `None` when the key is unset;
+/// errors name the key or `what`.
+pub fn bind_optional(
+    key: &str,
+    addr: Option<&str>,
+    what: &str,
+) -> anyhow::Result<Option<(TcpListener, std::net::SocketAddr)>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{key} {addr:?}: {e}"))?;
+    let listener = bind(addr).map_err(|e| anyhow::anyhow!("binding {what} on {addr}: {e}"))?;
+    Ok(Some((listener, addr)))
+}
+
 /// The connection budget under the current open-file limit, logged.
 fn budget(configured: usize) -> ConnectionBudget {
     match fd_limit() {

@@ -189,8 +189,6 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
-    /// Set by the node: transactions per group (`tern_group_commit_transactions`).
-    pub group_sizes: std::sync::OnceLock<tern_common::metrics::Histogram>,
     /// Online consistency checks: digests logged, and the last check point
     /// digested.
     pub verify_checks: AtomicU64,
@@ -225,7 +223,6 @@ impl Progress {
             verify_checks: AtomicU64::new(0),
             last_verify: AtomicU64::new(0),
             groups: AtomicU64::new(0),
-            group_sizes: std::sync::OnceLock::new(),
             write_errors: AtomicU64::new(0),
             write_path: watch::channel(WritePath::Writable).0,
             commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
@@ -319,6 +316,7 @@ pub fn spawn(
     retention: Policy,
     pins: Arc<Pins>,
     verify_interval: Option<Duration>,
+    group_sizes: Option<tern_common::metrics::Histogram>,
     runtime: tokio::runtime::Handle,
 ) -> (
     CommitterHandle,
@@ -341,6 +339,7 @@ pub fn spawn(
         behind: None,
         last_attempt: Instant::now(),
         verify: Verify::new(verify_interval),
+        group_sizes,
     };
     let join = std::thread::Builder::new()
         .name("committer".into())
@@ -368,6 +367,8 @@ struct Committer {
     last_attempt: Instant,
     /// Online consistency checks (`sync.verify_interval_secs`).
     verify: Verify,
+    /// Transactions per group (`tern_group_commit_transactions`).
+    group_sizes: Option<tern_common::metrics::Histogram>,
 }
 
 /// The master's side of the online consistency checks: every `interval`
@@ -979,7 +980,7 @@ impl Committer {
                 .transactions
                 .fetch_add(txns, Ordering::Relaxed);
             self.progress.groups.fetch_add(1, Ordering::Relaxed);
-            if let Some(h) = self.progress.group_sizes.get() {
+            if let Some(h) = &self.group_sizes {
                 h.observe(txns as f64);
             }
             self.progress.record_commit(last_index);

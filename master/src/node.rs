@@ -378,6 +378,7 @@ pub async fn run(
         pins.clone(),
         (cfg.sync.verify_interval_secs > 0)
             .then(|| Duration::from_secs(cfg.sync.verify_interval_secs)),
+        Some(metrics.group_transactions.clone()),
         tokio::runtime::Handle::current(),
     );
     let snapshots = SnapshotManager::new(
@@ -409,7 +410,6 @@ pub async fn run(
         shutdown.clone(),
     );
     let _ = sync.metrics.set(metrics.clone());
-    let _ = progress.group_sizes.set(metrics.group_transactions.clone());
     let semi = SemiSync::from_config(&cfg);
     let writer = CommitWriter {
         committer: handle,

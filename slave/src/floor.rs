@@ -123,17 +123,20 @@ pub fn decode(bytes: &[u8]) -> Result<Floor, String> {
         .ok_or(text)
 }
 
-/// Records `floor` durably (temp file, fsync, rename, directory fsync).
+/// Records `floor` durably.
 pub fn store(data_dir: &Path, floor: Floor) -> Result<(), FloorError> {
-    let path = data_dir.join(FLOOR_FILE);
-    let tmp = data_dir.join(format!("{FLOOR_FILE}.tmp"));
-    (|| -> io::Result<()> {
-        std::fs::write(&tmp, format!("{floor}\n"))?;
-        File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        File::open(data_dir)?.sync_all()
-    })()
-    .map_err(io_err(&path))
+    replace_file(data_dir, FLOOR_FILE, &format!("{floor}\n"))
+        .map_err(io_err(&data_dir.join(FLOOR_FILE)))
+}
+
+/// Replaces `data_dir/name` with `contents` durably: a temp file, fsync,
+/// rename, directory fsync (a crash leaves the old file or the new one).
+pub fn replace_file(data_dir: &Path, name: &str, contents: &str) -> io::Result<()> {
+    let tmp = data_dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, contents)?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(name))?;
+    File::open(data_dir)?.sync_all()
 }
 
 /// Raises the recorded floor to at least `index`, recording it in history

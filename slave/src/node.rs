@@ -106,7 +106,7 @@ impl InfoSource for SlaveInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             read_floor: self.read_floor.index,
             last_verify_index: self.verify.last_index.load(Ordering::Acquire),
-            verify_mismatch: self.verify.stopped_reason().unwrap_or_default(),
+            verify_mismatch: self.read_floor.stopped_reason().unwrap_or_default(),
             reads_blocked: self.read_floor.blocked(applied).unwrap_or_default(),
             histories: match self.state.histories() {
                 Ok(h) => h.map(|h| h.admin_list()).unwrap_or_default(),
@@ -425,6 +425,7 @@ async fn run_once(
         cfg.sync.clone(),
         shutdown.clone(),
     );
+    let _ = downstream.metrics.set(status.metrics.clone());
     let (received_tx, received_rx) = watch::channel(relay.last_index());
     let drain = CancellationToken::new();
     let (handoff, handoff_rx) = crate::applier::hand_off();
@@ -511,7 +512,6 @@ async fn run_once(
         info: info.clone(),
         connections: Some(serve_opts.connections.clone()),
     });
-    let _ = downstream.metrics.set(metrics.clone());
     let control = Arc::new(SlaveControl {
         master: master.clone(),
         slave: cfg.slave.clone(),

@@ -39,15 +39,6 @@ pub struct VerifyStats {
     pub stopped: Arc<Mutex<Option<String>>>,
 }
 
-impl VerifyStats {
-    pub fn stopped_reason(&self) -> Option<String> {
-        self.stopped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
 /// A digest of this slave's state at a check point.
 #[derive(Clone, Debug)]
 enum Ours {
@@ -205,19 +196,12 @@ impl Verifier {
             "{why}"
         );
         if self.stop_reads {
-            if let Err(e) = write_stop(&self.data_dir, &why) {
+            let record = format!("reads stopped: {why}\n");
+            if let Err(e) = crate::floor::replace_file(&self.data_dir, MISMATCH_FILE, &record) {
                 tracing::error!(error = %e, "recording the read stop");
             }
             *self.stats.stopped.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("reads stopped: {why}"));
         }
     }
-}
-
-fn write_stop(dir: &Path, why: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{MISMATCH_FILE}.tmp"));
-    std::fs::write(&tmp, format!("reads stopped: {why}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(MISMATCH_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
 }

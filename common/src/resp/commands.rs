@@ -336,7 +336,7 @@ fn queueable(name: &str) -> bool {
 
 /// The name and arity of every command, for COMMAND (arity as Redis
 /// counts it: negative = at least).
-const COMMANDS: &[(&str, i64, &str)] = &[
+pub(super) const COMMANDS: &[(&str, i64, &str)] = &[
     ("get", 2, "readonly"),
     ("set", -3, "write"),
     ("del", -2, "write"),

@@ -50,6 +50,11 @@ use crate::kv::KvService;
 use crate::server::auth::Auth;
 use crate::server::{AdminControl, InfoSource};
 
+/// The names of the commands the front serves, in lower case.
+pub fn command_names() -> impl Iterator<Item = &'static str> {
+    commands::COMMANDS.iter().map(|c| c.0)
+}
+
 /// Writes of one connection queued on the write path at most; a pipeline
 /// deeper than this waits for the oldest answer before queuing more.
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -131,14 +136,14 @@ pub fn start(
     node: RespNode,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    let Some(addr) = &cfg.resp_listen else {
+    let Some((listener, addr)) = crate::server::bind_optional(
+        "server.resp_listen",
+        cfg.resp_listen.as_deref(),
+        "the RESP front",
+    )?
+    else {
         return Ok(None);
     };
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| anyhow::anyhow!("server.resp_listen {addr:?}: {e}"))?;
-    let listener = crate::server::bind(addr)
-        .map_err(|e| anyhow::anyhow!("binding the RESP front on {addr}: {e}"))?;
     tracing::info!(resp_listen = %addr, "RESP (Redis protocol) front listening");
     let limits = Limits {
         max_connections: cfg.max_connections,
