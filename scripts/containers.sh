@@ -97,7 +97,10 @@ cmd_base_image() {
   # minbase holds libc6, libgcc-s1 and libstdc++6 (apt needs them), which is
   # all tern's binaries link dynamically; ca-certificates for TLS to a master
   # or an OTLP collector with a public certificate.
-  if ! debootstrap --variant=minbase --include=ca-certificates bookworm "$root" "$mirror" \
+  # The same debootstrap `install` looked for (root's PATH may lack /usr/sbin).
+  local debootstrap
+  debootstrap="$(command -v debootstrap || echo /usr/sbin/debootstrap)"
+  if ! "$debootstrap" --variant=minbase --include=ca-certificates bookworm "$root" "$mirror" \
     >"$TERN_CONTAINERS_DIR/debootstrap.log" 2>&1; then
     tail -30 "$TERN_CONTAINERS_DIR/debootstrap.log" >&2
     rm -rf "$root"
@@ -144,5 +147,5 @@ case "${1:-}" in
   stage) cmd_stage "${2:?usage: containers.sh stage DIR}" ;;
   image) cmd_conf; cmd_image ;;
   prepare) cmd_install; cmd_conf; cmd_base_image; cmd_image ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

