@@ -47,59 +47,78 @@ pub struct ReplBenchArgs {
 }
 
 /// How one writer sends its Puts: unary calls, or one `Kv.Pipeline` stream
-/// with one write in flight.
+/// with one write in flight (opened again after it fails).
 enum Putter {
     Unary(KvClient<Channel>),
     Stream {
-        tx: mpsc::Sender<PipelineRequest>,
-        answers: tonic::Streaming<PipelineResponse>,
+        master: Channel,
+        open: Option<(
+            mpsc::Sender<PipelineRequest>,
+            tonic::Streaming<PipelineResponse>,
+        )>,
         id: u64,
     },
 }
 
 impl Putter {
-    async fn new(master: Channel, pipeline: bool) -> anyhow::Result<Putter> {
-        let mut kv = KvClient::new(master);
-        if !pipeline {
-            return Ok(Putter::Unary(kv));
+    fn new(master: Channel, pipeline: bool) -> Putter {
+        if pipeline {
+            Putter::Stream {
+                master,
+                open: None,
+                id: 0,
+            }
+        } else {
+            Putter::Unary(KvClient::new(master))
         }
-        let (tx, rx) = mpsc::channel(1);
-        let answers = kv
-            .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .context("opening a Kv.Pipeline stream")?
-            .into_inner();
-        Ok(Putter::Stream { tx, answers, id: 0 })
     }
 
     /// Puts `key` and returns its commit index; `None` when it failed.
     async fn put(&mut self, key: Bytes, value: Bytes) -> Option<u64> {
+        let put = PutRequest {
+            key,
+            value,
+            ..Default::default()
+        };
         match self {
-            Putter::Unary(kv) => kv
-                .put(PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner().index),
-            Putter::Stream { tx, answers, id } => {
+            Putter::Unary(kv) => kv.put(put).await.ok().map(|r| r.into_inner().index),
+            Putter::Stream { master, open, id } => {
+                if open.is_none() {
+                    let (tx, rx) = mpsc::channel(1);
+                    let answers = KvClient::new(master.clone())
+                        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await;
+                    match answers {
+                        Ok(a) => *open = Some((tx, a.into_inner())),
+                        Err(_) => {
+                            // Not straight back: the caller may loop flat out.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            return None;
+                        }
+                    }
+                }
+                let (tx, answers) = open.as_mut()?;
                 *id += 1;
-                let put = op::Op::Put(PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                });
                 let req = PipelineRequest {
                     id: *id,
-                    ops: vec![Op { op: Some(put) }],
+                    ops: vec![Op {
+                        op: Some(op::Op::Put(put)),
+                    }],
                     ..Default::default()
                 };
-                tx.send(req).await.ok()?;
-                match answers.message().await {
+                let answer = match tx.send(req).await {
+                    Ok(()) => answers.message().await,
+                    Err(_) => Ok(None),
+                };
+                match answer {
                     Ok(Some(a)) if a.code == 0 => Some(a.index),
-                    _ => None,
+                    // A refused write: the stream goes on.
+                    Ok(Some(_)) => None,
+                    // The stream ended: the next Put opens another.
+                    Ok(None) | Err(_) => {
+                        *open = None;
+                        None
+                    }
                 }
             }
         }
@@ -206,7 +225,7 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
     let per_task = Duration::from_secs_f64(a.concurrency as f64 / a.rate.max(1) as f64);
     let mut tasks = Vec::new();
     for t in 0..a.concurrency as u64 {
-        let mut putter = Putter::new(master.clone(), a.pipeline).await?;
+        let mut putter = Putter::new(master.clone(), a.pipeline);
         let slave_kv = KvClient::new(slave.clone());
         let (value, lag, lag_errors, writes, readers) = (
             value.clone(),
@@ -293,7 +312,7 @@ pub async fn run(a: ReplBenchArgs) -> anyhow::Result<ReplBenchReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..a.concurrency as u64 {
-        let mut putter = Putter::new(master.clone(), a.pipeline).await?;
+        let mut putter = Putter::new(master.clone(), a.pipeline);
         let (value, stop, keys) = (value.clone(), stop.clone(), a.keys);
         tasks.push(tokio::spawn(async move {
             let mut n = t;
