@@ -27,8 +27,9 @@
 #      row b); p50 and p99;
 #   g. redis-benchmark against both, the same command line for each: Redis, and
 #      tern's RESP front (server.resp_listen on the tern master):
-#      `redis-benchmark -t set -d 100 -r 100000 -c 50 -n N`, and with -P 16
-#      (N sized from probes to last about DURATION, as for Redis in rows a-c).
+#      `redis-benchmark -t set -d 100 -r 100000 -c 50 -n N`, with -P 16, and
+#      with -c 1 (row b with the same client on both) (N sized from probes to
+#      last about DURATION, as for Redis in rows a-c).
 #
 # Usage: scripts/bench-vs-redis.sh
 #   env: DURATION=10s (per run) ROUNDS=2 CONNECTIONS=8 CLIENT_THREADS=1 TERN_KV_FLAGS="--pipeline 1"
@@ -331,6 +332,9 @@ row_g() {
     put "$1" g_p50 "${r[1]}"
     r=($(redis_bench "$CLIENTS" 16 "$port"))
     put "$1" g_pipe "${r[0]}"
+    r=($(redis_bench 1 1 "$port"))
+    put "$1" g1_ops "${r[0]}"
+    put "$1" g1_p50 "${r[1]}"
 }
 
 # Table rows: KEY|LABEL|UNIT (the ratio is tern/Redis of the two values).
@@ -370,6 +374,8 @@ want g && ROWS+=(
     "g_ops|g. redis-benchmark -t set -c $CLIENTS (RESP on both): writes/s|/s"
     "g_p50|g. redis-benchmark -t set -c $CLIENTS (RESP on both): p50 us (lower is better)|us"
     "g_pipe|g. redis-benchmark -t set -c $CLIENTS -P 16 (RESP on both): writes/s|/s"
+    "g1_ops|g. redis-benchmark -t set -c 1 (RESP on both): writes/s|/s"
+    "g1_p50|g. redis-benchmark -t set -c 1 (RESP on both): p50 us (lower is better)|us"
 )
 ratio() { awk -v t="$1" -v r="$2" 'BEGIN { if (r > 0 && t != "") printf "%.2f", t / r; else print "n/a" }'; }
 median() { # values... (n/a and empty skipped)

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -193,6 +194,27 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
+/// One source of writes (a connection or a stream), for
+/// [`Writer::submit_alone`]; 0 is "unknown" (never committed at once).
+pub type WriterId = u64;
+
+static NEXT_WRITER: AtomicU64 = AtomicU64::new(1);
+
+/// A new [`WriterId`], for a connection or stream that starts.
+pub fn new_writer_id() -> WriterId {
+    NEXT_WRITER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The [`WriterId`] of a unary call: its client's address (a client
+/// reuses its connection), in the upper half of the ids, or 0 when the
+/// address is unknown.
+fn unary_writer<T>(req: &Request<T>) -> WriterId {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    req.remote_addr().map_or(0, |addr| {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(addr) | (1 << 63)
+    })
+}
+
 /// The answer to a queued write: resolves once it committed (or failed).
 pub type PendingWrite = crate::server::BoxFuture<Result<WriteOutcome, Status>>;
 
@@ -208,9 +230,18 @@ pub trait Writer: Send + Sync + 'static {
     /// cannot honour are refused before anything is written.
     async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status>;
 
-    /// Queues one write and waits for its answer.
-    async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
-        self.submit(ops, opts).await?.await
+    /// [`submit`](Self::submit) for a caller, `from`, that has nothing else
+    /// to submit before it awaits this answer: while `from` is the only
+    /// source of writes and the write path is idle, the node may commit it
+    /// at once on the caller's thread.
+    async fn submit_alone(
+        &self,
+        ops: Vec<WriteOp>,
+        opts: WriteOptions,
+        from: WriterId,
+    ) -> Result<PendingWrite, Status> {
+        let _ = from;
+        self.submit(ops, opts).await
     }
 }
 
@@ -340,8 +371,13 @@ impl KvService {
 
     /// Runs a unary write; a write that fewer slaves than it asked for
     /// acknowledged in time is answered with [`replicas_short`].
-    async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
-        let out = self.writer()?.write(ops, opts).await?;
+    async fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        opts: WriteOptions,
+        from: WriterId,
+    ) -> Result<WriteOutcome, Status> {
+        let out = self.writer()?.submit_alone(ops, opts, from).await?.await?;
         if out.replicas.short() {
             return Err(replicas_short(&out));
         }
@@ -575,17 +611,24 @@ fn pipeline(
     shutdown: CancellationToken,
 ) -> crate::server::BoxStream<pb::PipelineResponse> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Queued>(MAX_PIPELINE_IN_FLIGHT);
+    let from = new_writer_id();
     tokio::spawn(async move {
+        // The request after the current one, when it had already arrived.
+        let mut ahead = None;
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    let _ = tx.send(Queued::End(Status::unavailable(
-                        "the node is shutting down: writes sent after the last answer were not run",
-                    ))).await;
-                    return;
-                }
-                next = inbound.message() => next,
+            let next = match ahead.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Queued::End(Status::unavailable(
+                            "the node is shutting down: writes sent after the last answer were \
+                             not run",
+                        ))).await;
+                        return;
+                    }
+                    next = inbound.message() => next,
+                },
             };
             let queued = match next {
                 Ok(Some(req)) => match txn_from_wire(req.ops) {
@@ -600,7 +643,18 @@ fn pipeline(
                             replica_timeout_ms: req.replica_timeout_ms,
                             deadline: None,
                         };
-                        match writer.submit(ops, opts).await {
+                        // Nothing more arrived yet (the client waits for
+                        // this answer, or has sent all it had): the write
+                        // may commit at once (`Writer::submit_alone`).
+                        // (`message` is cancel-safe: polling it once loses
+                        // nothing.)
+                        ahead = inbound.message().now_or_never();
+                        let submitted = if ahead.is_none() {
+                            writer.submit_alone(ops, opts, from).await
+                        } else {
+                            writer.submit(ops, opts).await
+                        };
+                        match submitted {
                             Ok(pending) => Queued::Write(req.id, pending, permit),
                             Err(status) => Queued::Refused(req.id, status),
                         }
@@ -680,8 +734,9 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
+        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Put(req.into_inner()))?;
-        let out = self.write(ops, opts).await?;
+        let out = self.write(ops, opts, from).await?;
         Ok(Response::new(pb::WriteResponse {
             index: out.index,
             replicas_acked: out.replicas.acked,
@@ -694,8 +749,9 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
+        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Delete(req.into_inner()))?;
-        let out = self.write(ops, opts).await?;
+        let out = self.write(ops, opts, from).await?;
         Ok(Response::new(pb::WriteResponse {
             index: out.index,
             replicas_acked: out.replicas.acked,
@@ -708,8 +764,9 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::IncrByResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
+        let from = unary_writer(&req);
         let ops = single(pb::op::Op::IncrBy(req.into_inner()))?;
-        let out = self.write(ops, opts).await?;
+        let out = self.write(ops, opts, from).await?;
         match only_result(&out)? {
             OpOutcome::IncrBy(value) => Ok(Response::new(pb::IncrByResponse {
                 value: *value,
@@ -726,8 +783,9 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
+        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Append(req.into_inner()))?;
-        let out = self.write(ops, opts).await?;
+        let out = self.write(ops, opts, from).await?;
         match only_result(&out)? {
             OpOutcome::Append(length) => Ok(Response::new(pb::AppendResponse {
                 length: *length,
@@ -741,8 +799,9 @@ impl pb::kv_server::Kv for KvService {
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
+        let from = unary_writer(&req);
         let (ops, _) = txn_from_wire(req.into_inner().ops)?;
-        let out = self.write(ops, opts).await?;
+        let out = self.write(ops, opts, from).await?;
         Ok(Response::new(pb::TxnResponse {
             index: out.index,
             results: results_to_wire(&out),

@@ -10,6 +10,16 @@
 //! 2. one RocksDB WriteBatch holding the group's data and the applied index (I2);
 //! 3. each client gets its commit index.
 //!
+//! **One writer alone.** A client with nothing else to send
+//! ([`CommitterHandle::submit_alone`]) may find the write path idle: the
+//! thread holds no group, nothing is queued, and the recent groups were
+//! that client's single writes. Then its write is committed on the client's
+//! own runtime thread, as a group of one, with the same steps under the
+//! same lock (the committer's state is one `Mutex`, held by whichever
+//! thread commits), saving the two thread wake-ups of the hand-off. A
+//! request queued earlier always commits first, so each caller's order
+//! holds either way.
+//!
 //! Binlog before state: a crash between 1 and 2 is repaired at start-up by
 //! replaying the binlog after the applied index. Nothing is shipped to slaves
 //! before it is durable under the fsync policy ([`Progress::shippable`]); the
@@ -54,14 +64,13 @@
 //! depends on purged binlog), and purges while holding the pin registry's lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tern_common::binlog::{Binlog, BinlogError};
-use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome};
+use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome, WriterId};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
 use tern_common::state::{FLUSH_INTERVAL, GroupBatch, KeyspaceChecksum, State};
@@ -77,6 +86,11 @@ const MAX_GROUP_REQUESTS: usize = 2048;
 const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Largest total of final keys and values one transaction may log.
 const MAX_TXN_WRITE_BYTES: usize = 2 * MAX_TXN_BYTES;
+/// Groups of one request in a row after which a write may commit inline
+/// ([`CommitterHandle::submit_alone`]).
+const INLINE_AFTER_SINGLES: u32 = 8;
+/// A group that takes longer than this ends the streak of single groups.
+const INLINE_MAX_COMMIT: Duration = Duration::from_millis(5);
 /// Recent group commit times kept for lag figures.
 const COMMIT_TIMES: usize = 65_536;
 /// Retention runs at most this often.
@@ -189,6 +203,8 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
+    /// Groups committed inline ([`CommitterHandle::submit_alone`]).
+    pub inline_groups: AtomicU64,
     /// Online consistency checks: digests logged, and the last check point
     /// digested.
     pub verify_checks: AtomicU64,
@@ -223,6 +239,7 @@ impl Progress {
             verify_checks: AtomicU64::new(0),
             last_verify: AtomicU64::new(0),
             groups: AtomicU64::new(0),
+            inline_groups: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             write_path: watch::channel(WritePath::Writable).0,
             commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
@@ -278,30 +295,155 @@ impl Progress {
     }
 }
 
+/// What the committer's thread and inline writers share (see
+/// [`CommitterHandle::submit_alone`]).
+struct Shared {
+    /// The write path's state; `None` once the thread has stopped it.
+    core: Mutex<Option<Committer>>,
+    /// Requests queued for the thread (counted before they are sent) and
+    /// not yet committed: a write runs inline only when this is 0, so it
+    /// never overtakes one queued before it.
+    queued: AtomicUsize,
+    /// How many groups in a row (on the thread or inline) held one request:
+    /// writes run inline only after [`INLINE_AFTER_SINGLES`], so a busy
+    /// master, whose groups hold many, keeps them large.
+    singles: AtomicU32,
+    /// The source of the last write submitted alone: when another source
+    /// submits, the streak of single groups starts again.
+    last_writer: AtomicU64,
+}
+
+impl Shared {
+    /// Counts a group of `n` requests just committed in `took` (under the
+    /// core's lock). A slow one (a disk that stalls) ends the streak: no
+    /// write runs inline until groups are quick again.
+    fn count_group(&self, n: usize, took: Duration) {
+        if n == 1 && took <= INLINE_MAX_COMMIT {
+            // Not a plain store: a reset by another writer is not lost.
+            let _ = self
+                .singles
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    Some(s.saturating_add(1))
+                });
+        } else {
+            self.singles.store(0, Ordering::Release);
+        }
+    }
+}
+
 /// Handle for submitting writes. Cheap to clone.
 #[derive(Clone)]
 pub struct CommitterHandle {
+    shared: Arc<Shared>,
     tx: mpsc::Sender<WriteRequest>,
 }
 
-impl CommitterHandle {
-    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<WriteOutcome, WriteError> {
-        self.submit(ops).await?.await
-    }
+/// The answer to a submitted write.
+pub struct Answer(oneshot::Receiver<Result<WriteOutcome, WriteError>>);
 
+impl Future for Answer {
+    type Output = Result<WriteOutcome, WriteError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(WriteError::ShuttingDown)))
+    }
+}
+
+/// Counts a request as queued until it is sent (then the committer's thread
+/// counts it off once committed), or until the send is abandoned.
+struct QueuedGuard<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.0 {
+            q.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl CommitterHandle {
     /// Queues a write (waiting while the queue is full) and returns its
     /// answer to await. Writes queued one after the other by one caller
     /// commit in that order (the queue is FIFO, groups run in order).
-    pub async fn submit(
-        &self,
-        ops: Vec<WriteOp>,
-    ) -> Result<impl Future<Output = Result<WriteOutcome, WriteError>> + use<>, WriteError> {
+    pub async fn submit(&self, ops: Vec<WriteOp>) -> Result<Answer, WriteError> {
         let (reply, rx) = oneshot::channel();
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        let mut guard = QueuedGuard(Some(&self.shared.queued));
         self.tx
             .send(WriteRequest { ops, reply })
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
-        Ok(async move { rx.await.map_err(|_| WriteError::ShuttingDown)? })
+        guard.0 = None;
+        Ok(Answer(rx))
+    }
+
+    /// [`submit`](Self::submit) for a caller with nothing else to submit
+    /// before it awaits this answer (a unary write, the only request a
+    /// connection has). When the write path is idle the write commits here,
+    /// on the caller's thread, with the same steps and guarantees as on the
+    /// committer's thread but without the two thread hand-offs (to the
+    /// committer and back, each a wake-up of a parked thread). Otherwise it
+    /// is queued. Order is kept: a write queued earlier commits first.
+    ///
+    /// Idle means: `from` submitted the last write that came alone, the
+    /// committer's thread holds no group, nothing is queued, and the last
+    /// [`INLINE_AFTER_SINGLES`] groups each held one request and took at
+    /// most [`INLINE_MAX_COMMIT`]. So only a master with one writer commits
+    /// inline; with several, one's write that waits in its socket while
+    /// another's commits is grouped with others on the thread instead of
+    /// waiting for a commit of its own, and a busy master keeps its large
+    /// groups. Meanwhile the caller's runtime thread is busy for one commit
+    /// (as Redis's event loop is for its fsync); a commit slower than
+    /// [`INLINE_MAX_COMMIT`] (a stalling disk) sends the following writes
+    /// back to the thread.
+    pub async fn submit_alone(
+        &self,
+        ops: Vec<WriteOp>,
+        from: WriterId,
+    ) -> Result<Answer, WriteError> {
+        match self.try_inline(ops, from) {
+            Ok(answer) => Ok(answer),
+            Err(ops) => self.submit(ops).await,
+        }
+    }
+
+    /// Commits `ops` on this thread if the write path is idle; gives them
+    /// back otherwise.
+    fn try_inline(&self, ops: Vec<WriteOp>, from: WriterId) -> Result<Answer, Vec<WriteOp>> {
+        if from == 0 || self.shared.last_writer.swap(from, Ordering::AcqRel) != from {
+            // Another source wrote last: more than one may be writing.
+            self.shared.singles.store(0, Ordering::Release);
+            return Err(ops);
+        }
+        if self.shared.singles.load(Ordering::Acquire) < INLINE_AFTER_SINGLES {
+            return Err(ops);
+        }
+        let Ok(mut core) = self.shared.core.try_lock() else {
+            return Err(ops);
+        };
+        // Under the lock: a queued request is counted off only once its
+        // group is committed, under this lock too.
+        if self.shared.queued.load(Ordering::Acquire) != 0 {
+            return Err(ops);
+        }
+        let Some(committer) = core.as_mut() else {
+            return Err(ops);
+        };
+        let (reply, rx) = oneshot::channel();
+        let mut group = vec![WriteRequest { ops, reply }];
+        let started = Instant::now();
+        committer.commit_group(&mut group);
+        self.shared.count_group(1, started.elapsed());
+        committer
+            .progress
+            .inline_groups
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Answer(rx))
     }
 }
 
@@ -341,11 +483,95 @@ pub fn spawn(
         verify: Verify::new(verify_interval),
         group_sizes,
     };
+    let shared = Arc::new(Shared {
+        core: Mutex::new(Some(committer)),
+        queued: AtomicUsize::new(0),
+        singles: AtomicU32::new(0),
+        last_writer: AtomicU64::new(0),
+    });
+    let thread_shared = shared.clone();
     let join = std::thread::Builder::new()
         .name("committer".into())
-        .spawn(move || committer.run(rx, runtime))
+        .spawn(move || run(&thread_shared, rx, runtime))
         .expect("spawn committer thread");
-    (CommitterHandle { tx }, progress, join)
+    (CommitterHandle { shared, tx }, progress, join)
+}
+
+/// The committer's thread: commits the queued requests group by group, and
+/// does the idle work; at the end stops the write path cleanly.
+fn run(
+    shared: &Shared,
+    mut rx: mpsc::Receiver<WriteRequest>,
+    runtime: tokio::runtime::Handle,
+) -> Result<Binlog, WriteError> {
+    let mut group: Vec<WriteRequest> = Vec::with_capacity(MAX_GROUP_REQUESTS);
+    loop {
+        let first = match rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            // Idle: wake up every second for the everysec fsync and retention.
+            // (The timer is made inside block_on: it needs the runtime's context.)
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let wait = lock_core(shared).as_ref().map(Committer::idle_wait);
+                let wait = wait.unwrap_or(Duration::from_secs(1));
+                match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        if let Some(c) = lock_core(shared).as_mut() {
+                            c.idle();
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        // The lock first: what arrived while an inline write held it joins
+        // this group.
+        let mut core = lock_core(shared);
+        group.push(first);
+        while group.len() < MAX_GROUP_REQUESTS {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let n = group.len();
+        let Some(c) = core.as_mut() else { break };
+        let started = Instant::now();
+        c.commit_group(&mut group);
+        shared.queued.fetch_sub(n, Ordering::AcqRel);
+        shared.count_group(n, started.elapsed());
+        if c.failed.is_none() {
+            c.retain_if_due();
+            c.verify_if_due();
+        }
+    }
+    let committer = lock_core(shared).take();
+    match committer {
+        Some(c) => c.finish(),
+        None => Err(WriteError::Internal(
+            "the committer was already stopped".into(),
+        )),
+    }
+}
+
+/// The committer's state, locked. A write that panicked while holding it
+/// may have left it between the binlog and RocksDB: the write path then
+/// fails for good, and start-up recovery reads what is on disk.
+fn lock_core(shared: &Shared) -> MutexGuard<'_, Option<Committer>> {
+    match shared.core.lock() {
+        Ok(core) => core,
+        Err(poisoned) => {
+            let mut core = poisoned.into_inner();
+            if let Some(c) = core.as_mut()
+                && c.failed.is_none()
+            {
+                c.stop_for_good("a write panicked in the committer".into());
+            }
+            core
+        }
+    }
 }
 
 struct Committer {
@@ -426,42 +652,9 @@ const PROBE_FILE: &str = ".write-probe";
 type Overlay = HashMap<Bytes, Option<Bytes>>;
 
 impl Committer {
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<WriteRequest>,
-        runtime: tokio::runtime::Handle,
-    ) -> Result<Binlog, WriteError> {
-        let mut group: Vec<WriteRequest> = Vec::with_capacity(MAX_GROUP_REQUESTS);
-        loop {
-            let first = match rx.try_recv() {
-                Ok(r) => Some(r),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                // Idle: wake up every second for the everysec fsync and retention.
-                // (The timer is made inside block_on: it needs the runtime's context.)
-                Err(mpsc::error::TryRecvError::Empty) => match runtime
-                    .block_on(async { tokio::time::timeout(self.idle_wait(), rx.recv()).await })
-                {
-                    Ok(r) => r,
-                    Err(_) => {
-                        self.idle();
-                        continue;
-                    }
-                },
-            };
-            let Some(first) = first else { break };
-            group.push(first);
-            while group.len() < MAX_GROUP_REQUESTS {
-                match rx.try_recv() {
-                    Ok(r) => group.push(r),
-                    Err(_) => break,
-                }
-            }
-            self.commit_group(&mut group);
-            if self.failed.is_none() {
-                self.retain_if_due();
-                self.verify_if_due();
-            }
-        }
+    /// Makes the binlog and the state durable at the stop, and gives back
+    /// the binlog; an error if the write path failed for good.
+    fn finish(mut self) -> Result<Binlog, WriteError> {
         if let Some(why) = self.failed.take() {
             // After a RocksDB failure the binlog is fine: make what it
             // committed durable for the replay at the next start.

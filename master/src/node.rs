@@ -14,7 +14,7 @@ use anyhow::Context;
 use tern_common::binlog::{Binlog, BinlogOptions, FsyncPolicy};
 use tern_common::config::Config;
 use tern_common::history::Histories;
-use tern_common::kv::{KvService, PendingWrite, WriteOp, WriteOptions, Writer};
+use tern_common::kv::{KvService, PendingWrite, WriteOp, WriteOptions, Writer, WriterId};
 use tern_common::position::{Position, ReplId};
 use tern_common::proto::admin::v1 as admin;
 use tern_common::server::{AdminService, InfoSource, ServeOptions};
@@ -45,9 +45,34 @@ struct CommitWriter {
 #[tonic::async_trait]
 impl Writer for CommitWriter {
     async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status> {
+        self.submit_from(ops, opts, None).await
+    }
+
+    async fn submit_alone(
+        &self,
+        ops: Vec<WriteOp>,
+        opts: WriteOptions,
+        from: WriterId,
+    ) -> Result<PendingWrite, Status> {
+        self.submit_from(ops, opts, Some(from)).await
+    }
+}
+
+impl CommitWriter {
+    /// `alone`: the writer of [`Writer::submit_alone`].
+    async fn submit_from(
+        &self,
+        ops: Vec<WriteOp>,
+        opts: WriteOptions,
+        alone: Option<WriterId>,
+    ) -> Result<PendingWrite, Status> {
         let wait = self.semi.resolve(&opts)?;
         let taken = std::time::Instant::now();
-        let answer = self.committer.submit(ops).await.map_err(write_status)?;
+        let answer = match alone {
+            Some(from) => self.committer.submit_alone(ops, from).await,
+            None => self.committer.submit(ops).await,
+        };
+        let answer = answer.map_err(write_status)?;
         let Some(wait) = wait else {
             return Ok(Box::pin(async move { answer.await.map_err(write_status) }));
         };
@@ -160,6 +185,7 @@ impl InfoSource for MasterInfo {
                 sessions_dropped: self.sync.sessions_dropped.load(Ordering::Relaxed),
                 transactions_committed: p.transactions.load(Ordering::Relaxed),
                 commit_groups: p.groups.load(Ordering::Relaxed),
+                inline_commit_groups: p.inline_groups.load(Ordering::Relaxed),
                 write_errors: p.write_errors.load(Ordering::Relaxed),
                 batches_from_memory: self.sync.batches_from_memory.load(Ordering::Relaxed),
                 batches_from_files: self.sync.batches_from_files.load(Ordering::Relaxed),

@@ -177,6 +177,7 @@ fn stats(out: &mut String, info: &admin::InfoResponse, extra: &Extra) {
     line(out, "sync_partial_ok", c.partial_syncs);
     line(out, "tern_transactions_committed", c.transactions_committed);
     line(out, "tern_commit_groups", c.commit_groups);
+    line(out, "tern_inline_commit_groups", c.inline_commit_groups);
     line(out, "tern_write_errors", c.write_errors);
     line(out, "tern_reconnects", c.reconnects);
     line(out, "tern_stale_messages", c.stale_messages);

@@ -246,6 +246,11 @@ struct Connection<'a> {
     out: BytesMut,
     /// QUIT was received: close once replies are written.
     closing: bool,
+    /// The command being run is the last one received so far (nothing
+    /// follows it in the input buffer).
+    last_received: bool,
+    /// This connection as a source of writes.
+    writer: crate::kv::WriterId,
 }
 
 impl<'a> Connection<'a> {
@@ -261,6 +266,8 @@ impl<'a> Connection<'a> {
             queue: VecDeque::new(),
             out: BytesMut::new(),
             closing: false,
+            last_received: false,
+            writer: crate::kv::new_writer_id(),
         }
     }
 
@@ -282,6 +289,7 @@ impl<'a> Connection<'a> {
                             if let Some(m) = &self.shared.node.metrics {
                                 m.resp_command(&args[0]);
                             }
+                            self.last_received = input.is_empty();
                             self.command(args).await;
                         }
                         if self.out.len() >= FLUSH_BYTES {
