@@ -243,6 +243,12 @@ pub trait Writer: Send + Sync + 'static {
         let _ = from;
         self.submit(ops, opts).await
     }
+
+    /// `from` reads: another client than the lone writer is active, so
+    /// [`submit_alone`](Self::submit_alone) should queue for a while.
+    fn note_read(&self, from: WriterId) {
+        let _ = from;
+    }
 }
 
 /// Writes of one `Pipeline` stream in flight at most (queued or committing,
@@ -361,6 +367,13 @@ impl KvService {
     /// waits [`FLOOR_WAIT_MS`], then UNAVAILABLE).
     pub(crate) async fn reads_ready(&self) -> Result<(), Status> {
         self.wait_applied(0, 0, None).await
+    }
+
+    /// A read by `from` (see [`Writer::note_read`]).
+    pub(crate) fn note_read(&self, from: WriterId) {
+        if let Some(w) = &self.writer {
+            w.note_read(from);
+        }
     }
 
     pub(crate) fn writer(&self) -> Result<&Arc<dyn Writer>, Status> {
@@ -827,6 +840,7 @@ impl pb::kv_server::Kv for KvService {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let slot = req.extensions().get::<Arc<Slot>>().cloned();
+        self.note_read(unary_writer(&req));
         let req = req.into_inner();
         limits::check_key(&req.key).map_err(invalid)?;
         self.wait_applied(req.min_index, req.wait_ms, slot).await?;
@@ -843,6 +857,7 @@ impl pb::kv_server::Kv for KvService {
         req: Request<pb::ScanRequest>,
     ) -> Result<Response<pb::ScanResponse>, Status> {
         let slot = req.extensions().get::<Arc<Slot>>().cloned();
+        self.note_read(unary_writer(&req));
         let req = req.into_inner();
         if req.start.len() > limits::MAX_KEY_BYTES || req.end.len() > limits::MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(

@@ -4,18 +4,24 @@
 //! thread. Either way every write is committed once, in each client's order,
 //! and the slave holds what the master answered: one writer (unary calls and
 //! a Pipeline stream sending one write at a time, then a burst), then eight
-//! at once, then one again.
+//! at once, then one again; and another client's read or write sends the
+//! lone writer's next writes to the committer's thread.
 
 mod support;
 
 use bytes::Bytes;
 use support::{converge, node_counters, start_slave, wait_connected};
 use tern_common::proto::kv::v1 as kv;
+use tern_common::proto::kv::v1::kv_client::KvClient;
 use tern_integration::{Node, TestDir};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 /// Writes of the lone writer, per phase.
 const ALONE: u64 = 150;
+/// Single groups in a row before a write may commit inline (the master's
+/// `INLINE_AFTER_SINGLES`).
+const INLINE_AFTER: u64 = 8;
 /// Concurrent writers, and the writes of each.
 const WRITERS: u64 = 8;
 const EACH: u64 = 60;
@@ -52,8 +58,7 @@ fn sequence(from: u64, to: u64) -> String {
 /// One client, unary calls one after the other: each IncrBy answers the
 /// count so far (every write once, in order), and each Append lands after
 /// the one before.
-async fn lone_unary(master: &Node, phase: &str, from: u64) {
-    let mut c = master.kv();
+async fn lone_unary(c: &mut KvClient<Channel>, phase: &str, from: u64) {
     for i in from..from + ALONE {
         let r = c
             .incr_by(kv::IncrByRequest {
@@ -120,7 +125,8 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
     // One writer: after a few groups of one on the committer's thread, its
     // writes commit inline.
     let before = node_counters(&master).await;
-    lone_unary(&master, "alone, first", 0).await;
+    let mut lone = master.kv();
+    lone_unary(&mut lone, "alone, first", 0).await;
     let alone = node_counters(&master).await;
     let inline = alone.inline_commit_groups - before.inline_commit_groups;
     let groups = alone.commit_groups - before.commit_groups;
@@ -131,6 +137,46 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
         2 * ALONE
     );
     assert!(inline <= groups, "{inline} inline of {groups} groups");
+
+    // Another client's read, or write, makes the lone writer's next
+    // INLINE_AFTER writes go through the committer's thread (its streak of
+    // single groups starts again).
+    for other in ["read", "write"] {
+        let mut c = master.kv();
+        if other == "read" {
+            c.get(kv::GetRequest {
+                key: b("total"),
+                ..Default::default()
+            })
+            .await
+            .expect("another client's Get");
+        } else {
+            c.incr_by(kv::IncrByRequest {
+                key: b("other"),
+                delta: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("another client's IncrBy");
+        }
+        let before = node_counters(&master).await;
+        for i in 0..INLINE_AFTER {
+            lone.append(kv::AppendRequest {
+                key: b(format!("after-{other}")),
+                value: b(format!(",{i}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Append {i} after another client's {other}: {e}"));
+        }
+        let after = node_counters(&master).await;
+        assert_eq!(
+            after.inline_commit_groups - before.inline_commit_groups,
+            0,
+            "the {INLINE_AFTER} writes after another client's {other} committed on the thread"
+        );
+        assert_eq!(after.commit_groups - before.commit_groups, INLINE_AFTER);
+    }
 
     // A Pipeline stream with one write in flight, then a burst of writes
     // sent before any answer: each answer in order, committed in order.
@@ -188,7 +234,7 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
     }
 
     // One writer again.
-    lone_unary(&master, "alone, last", ALONE + WRITERS * EACH).await;
+    lone_unary(&mut master.kv(), "alone, last", ALONE + WRITERS * EACH).await;
     let end = node_counters(&master).await;
     println!(
         "in all: {} of {} groups inline",
@@ -203,6 +249,11 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
         let want_alone = format!("{}{}", sequence(0, ALONE), sequence(total - ALONE, total));
         assert_eq!(get(node, "alone", target).await, b(want_alone));
         assert_eq!(get(node, "piped", target).await, b(sequence(0, 3 * ALONE)));
+        assert_eq!(get(node, "other", target).await, b("1"));
+        for other in ["read", "write"] {
+            let key = format!("after-{other}");
+            assert_eq!(get(node, &key, target).await, b(sequence(0, INLINE_AFTER)));
+        }
         for w in 0..WRITERS {
             assert_eq!(
                 get(node, &format!("w/{w}"), target).await,

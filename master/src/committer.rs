@@ -308,9 +308,9 @@ struct Shared {
     /// writes run inline only after [`INLINE_AFTER_SINGLES`], so a busy
     /// master, whose groups hold many, keeps them large.
     singles: AtomicU32,
-    /// The source of the last write submitted alone: when another source
-    /// submits, the streak of single groups starts again.
-    last_writer: AtomicU64,
+    /// The source of the last write submitted alone, or of the last read:
+    /// when another source comes, the streak of single groups starts again.
+    last_source: AtomicU64,
 }
 
 impl Shared {
@@ -390,15 +390,17 @@ impl CommitterHandle {
     /// committer and back, each a wake-up of a parked thread). Otherwise it
     /// is queued. Order is kept: a write queued earlier commits first.
     ///
-    /// Idle means: `from` submitted the last write that came alone, the
+    /// Idle means: the last write that came alone and the last read were
+    /// both `from`'s (see [`note_source`](Self::note_source)), the
     /// committer's thread holds no group, nothing is queued, and the last
     /// [`INLINE_AFTER_SINGLES`] groups each held one request and took at
-    /// most [`INLINE_MAX_COMMIT`]. So only a master with one writer commits
-    /// inline; with several, one's write that waits in its socket while
-    /// another's commits is grouped with others on the thread instead of
-    /// waiting for a commit of its own, and a busy master keeps its large
-    /// groups. Meanwhile the caller's runtime thread is busy for one commit
-    /// (as Redis's event loop is for its fsync); a commit slower than
+    /// most [`INLINE_MAX_COMMIT`]. So only a master with one active client
+    /// commits inline. With several writers, a write that waits in its
+    /// socket while another's commits joins a group on the thread instead of
+    /// waiting for a commit of its own; other clients' reads are not held up
+    /// behind a commit on the runtime thread; and a busy master keeps its
+    /// large groups. Meanwhile the caller's runtime thread is busy for one
+    /// commit (as Redis's event loop is for its fsync); a commit slower than
     /// [`INLINE_MAX_COMMIT`] (a stalling disk) sends the following writes
     /// back to the thread.
     pub async fn submit_alone(
@@ -412,12 +414,23 @@ impl CommitterHandle {
         }
     }
 
+    /// A request (a write submitted alone, or a read) from `from`. Whether
+    /// the last one came from the same source; if not, more than one client
+    /// may be active, and the streak of single groups starts again (so a
+    /// lone writer's commits do not hold up other clients' reads on its
+    /// runtime thread).
+    pub fn note_source(&self, from: WriterId) -> bool {
+        if from != 0 && self.shared.last_source.swap(from, Ordering::AcqRel) == from {
+            return true;
+        }
+        self.shared.singles.store(0, Ordering::Release);
+        false
+    }
+
     /// Commits `ops` on this thread if the write path is idle; gives them
     /// back otherwise.
     fn try_inline(&self, ops: Vec<WriteOp>, from: WriterId) -> Result<Answer, Vec<WriteOp>> {
-        if from == 0 || self.shared.last_writer.swap(from, Ordering::AcqRel) != from {
-            // Another source wrote last: more than one may be writing.
-            self.shared.singles.store(0, Ordering::Release);
+        if !self.note_source(from) {
             return Err(ops);
         }
         if self.shared.singles.load(Ordering::Acquire) < INLINE_AFTER_SINGLES {
@@ -487,7 +500,7 @@ pub fn spawn(
         core: Mutex::new(Some(committer)),
         queued: AtomicUsize::new(0),
         singles: AtomicU32::new(0),
-        last_writer: AtomicU64::new(0),
+        last_source: AtomicU64::new(0),
     });
     let thread_shared = shared.clone();
     let join = std::thread::Builder::new()

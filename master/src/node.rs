@@ -56,6 +56,10 @@ impl Writer for CommitWriter {
     ) -> Result<PendingWrite, Status> {
         self.submit_from(ops, opts, Some(from)).await
     }
+
+    fn note_read(&self, from: WriterId) {
+        self.committer.note_source(from);
+    }
 }
 
 impl CommitWriter {

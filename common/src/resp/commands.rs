@@ -530,6 +530,7 @@ impl Connection<'_> {
     async fn read(&mut self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, BytesFrame> {
         self.settle_all().await;
         let kv = &self.shared.node.kv;
+        kv.note_read(self.writer);
         kv.reads_ready().await.map_err(|s| status_reply(&s))?;
         ops.iter()
             .map(|op| match op {
