@@ -195,24 +195,18 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
 }
 
 /// One source of writes (a connection or a stream), for
-/// [`Writer::submit_alone`]; 0 is "unknown" (never committed at once).
+/// [`Writer::submit_alone`].
 pub type WriterId = u64;
 
-static NEXT_WRITER: AtomicU64 = AtomicU64::new(1);
+/// A source that may be several clients (a unary call): never committed
+/// at once, and another client to any lone writer.
+pub const UNKNOWN_WRITER: WriterId = 0;
+
+static NEXT_WRITER: AtomicU64 = AtomicU64::new(UNKNOWN_WRITER + 1);
 
 /// A new [`WriterId`], for a connection or stream that starts.
 pub fn new_writer_id() -> WriterId {
     NEXT_WRITER.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The [`WriterId`] of a unary call: its client's address (a client
-/// reuses its connection), in the upper half of the ids, or 0 when the
-/// address is unknown.
-fn unary_writer<T>(req: &Request<T>) -> WriterId {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    req.remote_addr().map_or(0, |addr| {
-        BuildHasherDefault::<DefaultHasher>::default().hash_one(addr) | (1 << 63)
-    })
 }
 
 /// The answer to a queued write: resolves once it committed (or failed).
@@ -384,13 +378,18 @@ impl KvService {
 
     /// Runs a unary write; a write that fewer slaves than it asked for
     /// acknowledged in time is answered with [`replicas_short`].
-    async fn write(
-        &self,
-        ops: Vec<WriteOp>,
-        opts: WriteOptions,
-        from: WriterId,
-    ) -> Result<WriteOutcome, Status> {
-        let out = self.writer()?.submit_alone(ops, opts, from).await?.await?;
+    ///
+    /// A unary call is the only request of its call, but not of its
+    /// connection: one HTTP/2 connection (a shared client channel, a proxy)
+    /// carries many clients' calls at once, and the ones still unread look
+    /// like none. So its writer is unknown: it never commits inline, and it
+    /// tells a lone writer that another client is active.
+    async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
+        let out = self
+            .writer()?
+            .submit_alone(ops, opts, UNKNOWN_WRITER)
+            .await?
+            .await?;
         if out.replicas.short() {
             return Err(replicas_short(&out));
         }
@@ -747,9 +746,8 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
-        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Put(req.into_inner()))?;
-        let out = self.write(ops, opts, from).await?;
+        let out = self.write(ops, opts).await?;
         Ok(Response::new(pb::WriteResponse {
             index: out.index,
             replicas_acked: out.replicas.acked,
@@ -762,9 +760,8 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
-        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Delete(req.into_inner()))?;
-        let out = self.write(ops, opts, from).await?;
+        let out = self.write(ops, opts).await?;
         Ok(Response::new(pb::WriteResponse {
             index: out.index,
             replicas_acked: out.replicas.acked,
@@ -777,9 +774,8 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::IncrByResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
-        let from = unary_writer(&req);
         let ops = single(pb::op::Op::IncrBy(req.into_inner()))?;
-        let out = self.write(ops, opts, from).await?;
+        let out = self.write(ops, opts).await?;
         match only_result(&out)? {
             OpOutcome::IncrBy(value) => Ok(Response::new(pb::IncrByResponse {
                 value: *value,
@@ -796,9 +792,8 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
-        let from = unary_writer(&req);
         let ops = single(pb::op::Op::Append(req.into_inner()))?;
-        let out = self.write(ops, opts, from).await?;
+        let out = self.write(ops, opts).await?;
         match only_result(&out)? {
             OpOutcome::Append(length) => Ok(Response::new(pb::AppendResponse {
                 length: *length,
@@ -812,9 +807,8 @@ impl pb::kv_server::Kv for KvService {
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let r = req.get_ref();
         let opts = self.options(req.metadata(), r.min_replicas, r.replica_timeout_ms);
-        let from = unary_writer(&req);
         let (ops, _) = txn_from_wire(req.into_inner().ops)?;
-        let out = self.write(ops, opts, from).await?;
+        let out = self.write(ops, opts).await?;
         Ok(Response::new(pb::TxnResponse {
             index: out.index,
             results: results_to_wire(&out),
@@ -840,7 +834,7 @@ impl pb::kv_server::Kv for KvService {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let slot = req.extensions().get::<Arc<Slot>>().cloned();
-        self.note_read(unary_writer(&req));
+        self.note_read(UNKNOWN_WRITER);
         let req = req.into_inner();
         limits::check_key(&req.key).map_err(invalid)?;
         self.wait_applied(req.min_index, req.wait_ms, slot).await?;
@@ -857,7 +851,7 @@ impl pb::kv_server::Kv for KvService {
         req: Request<pb::ScanRequest>,
     ) -> Result<Response<pb::ScanResponse>, Status> {
         let slot = req.extensions().get::<Arc<Slot>>().cloned();
-        self.note_read(unary_writer(&req));
+        self.note_read(UNKNOWN_WRITER);
         let req = req.into_inner();
         if req.start.len() > limits::MAX_KEY_BYTES || req.end.len() > limits::MAX_KEY_BYTES {
             return Err(Status::invalid_argument(format!(

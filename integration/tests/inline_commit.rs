@@ -2,29 +2,29 @@
 //! path is idle, the master commits its write on the client's own thread
 //! (`Info.counters.inline_commit_groups`), and otherwise on the committer's
 //! thread. Either way every write is committed once, in each client's order,
-//! and the slave holds what the master answered: one writer (unary calls and
-//! a Pipeline stream sending one write at a time, then a burst), then eight
-//! at once, then one again; and another client's read or write sends the
-//! lone writer's next writes to the committer's thread.
+//! and the slave holds what the master answered. A lone writer on a
+//! `Pipeline` stream commits inline; another client's read or write sends
+//! its next writes to the thread; unary calls (many clients may share one
+//! connection) never commit inline; concurrent writers and a burst on one
+//! stream keep their order.
 
 mod support;
 
 use bytes::Bytes;
 use support::{converge, node_counters, start_slave, wait_connected};
 use tern_common::proto::kv::v1 as kv;
-use tern_common::proto::kv::v1::kv_client::KvClient;
 use tern_integration::{Node, TestDir};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
-/// Writes of the lone writer, per phase.
-const ALONE: u64 = 150;
+/// Writes of the lone writer, per phase (each an IncrBy and an Append).
+const ALONE: u64 = 100;
 /// Single groups in a row before a write may commit inline (the master's
 /// `INLINE_AFTER_SINGLES`).
 const INLINE_AFTER: u64 = 8;
 /// Concurrent writers, and the writes of each.
 const WRITERS: u64 = 8;
-const EACH: u64 = 60;
+const EACH: u64 = 40;
 
 fn b(s: impl Into<String>) -> Bytes {
     Bytes::from(s.into())
@@ -55,49 +55,74 @@ fn sequence(from: u64, to: u64) -> String {
     (from..to).map(|i| format!(",{i}")).collect()
 }
 
-/// One client, unary calls one after the other: each IncrBy answers the
-/// count so far (every write once, in order), and each Append lands after
-/// the one before.
-async fn lone_unary(c: &mut KvClient<Channel>, phase: &str, from: u64) {
-    for i in from..from + ALONE {
-        let r = c
-            .incr_by(kv::IncrByRequest {
-                key: b("total"),
-                delta: 1,
-                ..Default::default()
-            })
+/// One client's `Pipeline` stream, one write in flight at a time.
+struct Stream {
+    tx: mpsc::Sender<kv::PipelineRequest>,
+    answers: tonic::Streaming<kv::PipelineResponse>,
+    next_id: u64,
+}
+
+impl Stream {
+    async fn open(master: &Node) -> Stream {
+        let (tx, rx) = mpsc::channel(1024);
+        let answers = master
+            .kv()
+            .pipeline(ReceiverStream::new(rx))
             .await
-            .unwrap_or_else(|e| panic!("{phase}: IncrBy {i}: {e}"))
+            .expect("Pipeline on the master")
             .into_inner();
-        assert_eq!(r.value as u64, i + 1, "{phase}: IncrBy {i} counts once");
-        c.append(kv::AppendRequest {
-            key: b("alone"),
-            value: b(format!(",{i}")),
+        Stream {
+            tx,
+            answers,
+            next_id: 0,
+        }
+    }
+
+    /// Sends `ops` as the next write without waiting; its id.
+    async fn send(&mut self, ops: Vec<kv::Op>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = kv::PipelineRequest {
+            id,
+            ops,
             ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{phase}: Append {i}: {e}"));
+        };
+        self.tx.send(req).await.expect("the stream is open");
+        id
+    }
+
+    /// The next answer, which must be write `id`'s, committed.
+    async fn answer(&mut self, id: u64) -> kv::PipelineResponse {
+        let a = self
+            .answers
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("answer {id}: {e}"))
+            .unwrap_or_else(|| panic!("the stream ended before answer {id}"));
+        assert_eq!((a.id, a.code), (id, 0), "{}", a.message);
+        a
+    }
+
+    /// One write, and its answer.
+    async fn call(&mut self, ops: Vec<kv::Op>) -> kv::PipelineResponse {
+        let id = self.send(ops).await;
+        self.answer(id).await
     }
 }
 
-/// Pipeline write `id`: append `,id` to `piped`.
-fn piped(id: u64) -> kv::PipelineRequest {
-    kv::PipelineRequest {
-        id,
-        ops: vec![append_op("piped", format!(",{id}"))],
-        ..Default::default()
+/// The lone writer's phase: `total` counted once per IncrBy, in order, and
+/// each Append after the one before.
+async fn lone_writes(s: &mut Stream, phase: &str, from: u64) {
+    for i in from..from + ALONE {
+        let a = s.call(vec![incr_op("total")]).await;
+        match a.results.first().and_then(|r| r.result.as_ref()) {
+            Some(kv::op_result::Result::IncrBy(v)) => {
+                assert_eq!(v.value as u64, i + 1, "{phase}: IncrBy {i} counts once")
+            }
+            other => panic!("{phase}: IncrBy {i} answered {other:?}"),
+        }
+        s.call(vec![append_op("alone", format!(",{i}"))]).await;
     }
-}
-
-/// The next Pipeline answer: write `id`'s, committed; its index.
-async fn next_answer(answers: &mut tonic::Streaming<kv::PipelineResponse>, id: u64) -> u64 {
-    let a = answers
-        .message()
-        .await
-        .unwrap_or_else(|e| panic!("pipeline answer {id}: {e}"))
-        .unwrap_or_else(|| panic!("the stream ended before answer {id}"));
-    assert_eq!((a.id, a.code), (id, 0), "{}", a.message);
-    a.index
 }
 
 async fn get(node: &Node, key: &str, min_index: u64) -> Bytes {
@@ -113,6 +138,17 @@ async fn get(node: &Node, key: &str, min_index: u64) -> Bytes {
         .value
 }
 
+/// Inline commit groups on `master` while `work` runs, and all groups.
+async fn inline_during<F: Future<Output = ()>>(master: &Node, work: F) -> (u64, u64) {
+    let before = node_counters(master).await;
+    work.await;
+    let after = node_counters(master).await;
+    (
+        after.inline_commit_groups - before.inline_commit_groups,
+        after.commit_groups - before.commit_groups,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
     let dir = TestDir::new("inline-commit");
@@ -124,12 +160,8 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
 
     // One writer: after a few groups of one on the committer's thread, its
     // writes commit inline.
-    let before = node_counters(&master).await;
-    let mut lone = master.kv();
-    lone_unary(&mut lone, "alone, first", 0).await;
-    let alone = node_counters(&master).await;
-    let inline = alone.inline_commit_groups - before.inline_commit_groups;
-    let groups = alone.commit_groups - before.commit_groups;
+    let mut lone = Stream::open(&master).await;
+    let (inline, groups) = inline_during(&master, lone_writes(&mut lone, "alone", 0)).await;
     println!("one writer: {inline} of {groups} groups inline");
     assert!(
         inline > 0,
@@ -138,8 +170,8 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
     );
     assert!(inline <= groups, "{inline} inline of {groups} groups");
 
-    // Another client's read, or write, makes the lone writer's next
-    // INLINE_AFTER writes go through the committer's thread (its streak of
+    // Another client's read, or write, sends the lone writer's next
+    // INLINE_AFTER writes through the committer's thread (its streak of
     // single groups starts again).
     for other in ["read", "write"] {
         let mut c = master.kv();
@@ -159,82 +191,88 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
             .await
             .expect("another client's IncrBy");
         }
-        let before = node_counters(&master).await;
-        for i in 0..INLINE_AFTER {
-            lone.append(kv::AppendRequest {
-                key: b(format!("after-{other}")),
-                value: b(format!(",{i}")),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("Append {i} after another client's {other}: {e}"));
-        }
-        let after = node_counters(&master).await;
+        let key = format!("after-{other}");
+        let (inline, groups) = inline_during(&master, async {
+            for i in 0..INLINE_AFTER {
+                lone.call(vec![append_op(&key, format!(",{i}"))]).await;
+            }
+        })
+        .await;
         assert_eq!(
-            after.inline_commit_groups - before.inline_commit_groups,
-            0,
-            "the {INLINE_AFTER} writes after another client's {other} committed on the thread"
+            (inline, groups),
+            (0, INLINE_AFTER),
+            "the {INLINE_AFTER} writes after another client's {other}: inline, groups"
         );
-        assert_eq!(after.commit_groups - before.commit_groups, INLINE_AFTER);
     }
 
-    // A Pipeline stream with one write in flight, then a burst of writes
-    // sent before any answer: each answer in order, committed in order.
-    let (tx, rx) = tokio::sync::mpsc::channel(4 * ALONE as usize);
-    let mut answers = master
-        .kv()
-        .pipeline(ReceiverStream::new(rx))
-        .await
-        .expect("Pipeline on the master")
-        .into_inner();
-    let mut last_index = 0;
-    for id in 0..ALONE {
-        tx.send(piped(id)).await.unwrap();
-        let index = next_answer(&mut answers, id).await;
-        assert!(
-            index > last_index,
-            "write {id} at {index} after {last_index}"
-        );
-        last_index = index;
-    }
-    for id in ALONE..3 * ALONE {
-        tx.send(piped(id)).await.unwrap();
-    }
-    for id in ALONE..3 * ALONE {
-        let index = next_answer(&mut answers, id).await;
-        assert!(
-            index > last_index,
-            "write {id} at {index} after {last_index}"
-        );
-        last_index = index;
-    }
-    drop(tx);
+    // Unary writers sharing one connection, one call each in flight: none
+    // commits inline (their calls look alone), each one's order holds.
+    let shared = master.kv();
+    let (inline, _) = inline_during(&master, async {
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let mut c = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    c.txn(kv::TxnRequest {
+                        ops: vec![
+                            append_op(&format!("u/{w}"), format!(",{i}")),
+                            incr_op("total"),
+                        ],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("unary writer {w}, write {i}: {e}"));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("a unary writer panicked");
+        }
+    })
+    .await;
+    assert_eq!(
+        inline, 0,
+        "unary writes on a shared connection committed inline"
+    );
 
-    // Eight writers at once, each on its own connection: each one's writes
-    // in its order, the shared counter counting every one once.
+    // Streams at once, one write in flight each: each one's order holds.
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        let mut c = master.kv();
+        let mut s = Stream::open(&master).await;
         tasks.push(tokio::spawn(async move {
             for i in 0..EACH {
-                c.txn(kv::TxnRequest {
-                    ops: vec![
-                        append_op(&format!("w/{w}"), format!(",{i}")),
-                        incr_op("total"),
-                    ],
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| panic!("writer {w}, write {i}: {e}"));
+                s.call(vec![
+                    append_op(&format!("p/{w}"), format!(",{i}")),
+                    incr_op("total"),
+                ])
+                .await;
             }
         }));
     }
     for t in tasks {
-        t.await.expect("a writer panicked");
+        t.await.expect("a stream writer panicked");
+    }
+
+    // A burst on the lone writer's stream, sent before any answer: answers
+    // in order, committed in order.
+    let mut ids = Vec::new();
+    for i in 0..3 * ALONE {
+        ids.push(lone.send(vec![append_op("burst", format!(",{i}"))]).await);
+    }
+    let mut last_index = 0;
+    for id in ids {
+        let index = lone.answer(id).await.index;
+        assert!(
+            index > last_index,
+            "write {id} at {index} after {last_index}"
+        );
+        last_index = index;
     }
 
     // One writer again.
-    lone_unary(&mut master.kv(), "alone, last", ALONE + WRITERS * EACH).await;
+    let from = ALONE + 2 * WRITERS * EACH;
+    lone_writes(&mut lone, "alone again", from).await;
     let end = node_counters(&master).await;
     println!(
         "in all: {} of {} groups inline",
@@ -243,24 +281,26 @@ async fn one_writer_commits_inline_and_every_write_lands_once_in_order() {
 
     // Master and slave hold exactly that.
     let target = converge(&master, &[&slave]).await;
-    let total = 2 * ALONE + WRITERS * EACH;
+    let total = from + ALONE;
     for node in [&master, &slave] {
         assert_eq!(get(node, "total", target).await, b(total.to_string()));
-        let want_alone = format!("{}{}", sequence(0, ALONE), sequence(total - ALONE, total));
+        let want_alone = format!("{}{}", sequence(0, ALONE), sequence(from, total));
         assert_eq!(get(node, "alone", target).await, b(want_alone));
-        assert_eq!(get(node, "piped", target).await, b(sequence(0, 3 * ALONE)));
+        assert_eq!(get(node, "burst", target).await, b(sequence(0, 3 * ALONE)));
         assert_eq!(get(node, "other", target).await, b("1"));
         for other in ["read", "write"] {
             let key = format!("after-{other}");
             assert_eq!(get(node, &key, target).await, b(sequence(0, INLINE_AFTER)));
         }
         for w in 0..WRITERS {
-            assert_eq!(
-                get(node, &format!("w/{w}"), target).await,
-                b(sequence(0, EACH)),
-                "writer {w} on port {}",
-                node.port
-            );
+            for prefix in ["u", "p"] {
+                assert_eq!(
+                    get(node, &format!("{prefix}/{w}"), target).await,
+                    b(sequence(0, EACH)),
+                    "writer {prefix}/{w} on port {}",
+                    node.port
+                );
+            }
         }
     }
     let (mc, sc) = (

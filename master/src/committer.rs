@@ -70,7 +70,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tern_common::binlog::{Binlog, BinlogError};
-use tern_common::kv::{OpOutcome, WriteOp, WriteOutcome, WriterId};
+use tern_common::kv::{OpOutcome, UNKNOWN_WRITER, WriteOp, WriteOutcome, WriterId};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
 use tern_common::state::{FLUSH_INTERVAL, GroupBatch, KeyspaceChecksum, State};
@@ -383,8 +383,8 @@ impl CommitterHandle {
     }
 
     /// [`submit`](Self::submit) for a caller with nothing else to submit
-    /// before it awaits this answer (a unary write, the only request a
-    /// connection has). When the write path is idle the write commits here,
+    /// before it awaits this answer (the only request a stream or connection
+    /// has). When the write path is idle the write commits here,
     /// on the caller's thread, with the same steps and guarantees as on the
     /// committer's thread but without the two thread hand-offs (to the
     /// committer and back, each a wake-up of a parked thread). Otherwise it
@@ -420,7 +420,8 @@ impl CommitterHandle {
     /// lone writer's commits do not hold up other clients' reads on its
     /// runtime thread).
     pub fn note_source(&self, from: WriterId) -> bool {
-        if from != 0 && self.shared.last_source.swap(from, Ordering::AcqRel) == from {
+        let last = self.shared.last_source.swap(from, Ordering::AcqRel);
+        if from != UNKNOWN_WRITER && last == from {
             return true;
         }
         self.shared.singles.store(0, Ordering::Release);
@@ -500,7 +501,7 @@ pub fn spawn(
         core: Mutex::new(Some(committer)),
         queued: AtomicUsize::new(0),
         singles: AtomicU32::new(0),
-        last_source: AtomicU64::new(0),
+        last_source: AtomicU64::new(UNKNOWN_WRITER),
     });
     let thread_shared = shared.clone();
     let join = std::thread::Builder::new()
