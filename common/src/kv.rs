@@ -195,7 +195,7 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
 }
 
 /// One source of writes (a connection or a stream), for
-/// [`Writer::submit_alone`].
+/// [`Writer::submit`]'s `alone`.
 pub type WriterId = u64;
 
 /// A source that may be several clients (a unary call): never committed
@@ -222,24 +222,20 @@ pub trait Writer: Send + Sync + 'static {
     /// they hold it or the wait ended: then [`WriteOutcome::replicas`] says
     /// how many did (the write is committed either way). Options the node
     /// cannot honour are refused before anything is written.
-    async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status>;
-
-    /// [`submit`](Self::submit) for a caller, `from`, that has nothing else
-    /// to submit before it awaits this answer: while `from` is the only
-    /// source of writes and the write path is idle, the node may commit it
-    /// at once on the caller's thread.
-    async fn submit_alone(
+    ///
+    /// `alone`: the caller, `from`, has nothing else to submit before it
+    /// awaits this answer. While `from` is the only source of writes and the
+    /// write path is idle, the node may commit it at once on the caller's
+    /// thread.
+    async fn submit(
         &self,
         ops: Vec<WriteOp>,
         opts: WriteOptions,
-        from: WriterId,
-    ) -> Result<PendingWrite, Status> {
-        let _ = from;
-        self.submit(ops, opts).await
-    }
+        alone: Option<WriterId>,
+    ) -> Result<PendingWrite, Status>;
 
     /// `from` reads: another client than the lone writer is active, so
-    /// [`submit_alone`](Self::submit_alone) should queue for a while.
+    /// writes submitted alone should queue for a while.
     fn note_read(&self, from: WriterId) {
         let _ = from;
     }
@@ -387,7 +383,7 @@ impl KvService {
     async fn write(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<WriteOutcome, Status> {
         let out = self
             .writer()?
-            .submit_alone(ops, opts, UNKNOWN_WRITER)
+            .submit(ops, opts, Some(UNKNOWN_WRITER))
             .await?
             .await?;
         if out.replicas.short() {
@@ -657,16 +653,11 @@ fn pipeline(
                         };
                         // Nothing more arrived yet (the client waits for
                         // this answer, or has sent all it had): the write
-                        // may commit at once (`Writer::submit_alone`).
-                        // (`message` is cancel-safe: polling it once loses
-                        // nothing.)
+                        // is submitted alone. (`message` is cancel-safe:
+                        // polling it once loses nothing.)
                         ahead = inbound.message().now_or_never();
-                        let submitted = if ahead.is_none() {
-                            writer.submit_alone(ops, opts, from).await
-                        } else {
-                            writer.submit(ops, opts).await
-                        };
-                        match submitted {
+                        let alone = ahead.is_none().then_some(from);
+                        match writer.submit(ops, opts, alone).await {
                             Ok(pending) => Queued::Write(req.id, pending, permit),
                             Err(status) => Queued::Refused(req.id, status),
                         }

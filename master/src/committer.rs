@@ -10,8 +10,8 @@
 //! 2. one RocksDB WriteBatch holding the group's data and the applied index (I2);
 //! 3. each client gets its commit index.
 //!
-//! **One writer alone.** A client with nothing else to send
-//! ([`CommitterHandle::submit_alone`]) may find the write path idle: the
+//! **One writer alone.** A client with nothing else to send (`alone` in
+//! [`CommitterHandle::submit`]) may find the write path idle: the
 //! thread holds no group, nothing is queued, and the recent groups were
 //! that client's single writes. Then its write is committed on the client's
 //! own runtime thread, as a group of one, with the same steps under the
@@ -86,8 +86,8 @@ const MAX_GROUP_REQUESTS: usize = 2048;
 const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Largest total of final keys and values one transaction may log.
 const MAX_TXN_WRITE_BYTES: usize = 2 * MAX_TXN_BYTES;
-/// Groups of one request in a row after which a write may commit inline
-/// ([`CommitterHandle::submit_alone`]).
+/// Groups of one request in a row after which a write submitted alone may
+/// commit inline ([`CommitterHandle::submit`]).
 const INLINE_AFTER_SINGLES: u32 = 8;
 /// A group that takes longer than this ends the streak of single groups.
 const INLINE_MAX_COMMIT: Duration = Duration::from_millis(5);
@@ -203,7 +203,7 @@ pub struct Progress {
     pub last_seq: AtomicU64,
     pub transactions: AtomicU64,
     pub groups: AtomicU64,
-    /// Groups committed inline ([`CommitterHandle::submit_alone`]).
+    /// Groups committed inline ([`CommitterHandle::submit`]).
     pub inline_groups: AtomicU64,
     /// Online consistency checks: digests logged, and the last check point
     /// digested.
@@ -296,7 +296,7 @@ impl Progress {
 }
 
 /// What the committer's thread and inline writers share (see
-/// [`CommitterHandle::submit_alone`]).
+/// [`CommitterHandle::submit`]).
 struct Shared {
     /// The write path's state; `None` once the thread has stopped it.
     core: Mutex<Option<Committer>>,
@@ -370,24 +370,13 @@ impl CommitterHandle {
     /// Queues a write (waiting while the queue is full) and returns its
     /// answer to await. Writes queued one after the other by one caller
     /// commit in that order (the queue is FIFO, groups run in order).
-    pub async fn submit(&self, ops: Vec<WriteOp>) -> Result<Answer, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        let mut guard = QueuedGuard(Some(&self.shared.queued));
-        self.tx
-            .send(WriteRequest { ops, reply })
-            .await
-            .map_err(|_| WriteError::ShuttingDown)?;
-        guard.0 = None;
-        Ok(Answer(rx))
-    }
-
-    /// [`submit`](Self::submit) for a caller with nothing else to submit
-    /// before it awaits this answer (the only request a stream or connection
-    /// has). When the write path is idle the write commits here,
-    /// on the caller's thread, with the same steps and guarantees as on the
+    ///
+    /// `alone`: the caller, `from`, has nothing else to submit before it
+    /// awaits this answer (the only request a stream or connection has).
+    /// When the write path is idle the write then commits here, on the
+    /// caller's thread, with the same steps and guarantees as on the
     /// committer's thread but without the two thread hand-offs (to the
-    /// committer and back, each a wake-up of a parked thread). Otherwise it
+    /// committer and back, each a wake-up of a parked thread); otherwise it
     /// is queued. Order is kept: a write queued earlier commits first.
     ///
     /// Idle means: the last write that came alone and the last read were
@@ -403,15 +392,27 @@ impl CommitterHandle {
     /// commit (as Redis's event loop is for its fsync); a commit slower than
     /// [`INLINE_MAX_COMMIT`] (a stalling disk) sends the following writes
     /// back to the thread.
-    pub async fn submit_alone(
+    pub async fn submit(
         &self,
         ops: Vec<WriteOp>,
-        from: WriterId,
+        alone: Option<WriterId>,
     ) -> Result<Answer, WriteError> {
-        match self.try_inline(ops, from) {
-            Ok(answer) => Ok(answer),
-            Err(ops) => self.submit(ops).await,
-        }
+        let ops = match alone {
+            Some(from) => match self.try_inline(ops, from) {
+                Ok(answer) => return Ok(answer),
+                Err(ops) => ops,
+            },
+            None => ops,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        let mut guard = QueuedGuard(Some(&self.shared.queued));
+        self.tx
+            .send(WriteRequest { ops, reply })
+            .await
+            .map_err(|_| WriteError::ShuttingDown)?;
+        guard.0 = None;
+        Ok(Answer(rx))
     }
 
     /// A request (a write submitted alone, or a read) from `from`. Whether
@@ -419,12 +420,21 @@ impl CommitterHandle {
     /// may be active, and the streak of single groups starts again (so a
     /// lone writer's commits do not hold up other clients' reads on its
     /// runtime thread).
+    ///
+    /// Every read calls it: it writes the shared atomics only when they
+    /// change.
     pub fn note_source(&self, from: WriterId) -> bool {
-        let last = self.shared.last_source.swap(from, Ordering::AcqRel);
+        let shared = &self.shared;
+        let last = match shared.last_source.load(Ordering::Acquire) {
+            same if same == from => same,
+            _ => shared.last_source.swap(from, Ordering::AcqRel),
+        };
         if from != UNKNOWN_WRITER && last == from {
             return true;
         }
-        self.shared.singles.store(0, Ordering::Release);
+        if shared.singles.load(Ordering::Acquire) != 0 {
+            shared.singles.store(0, Ordering::Release);
+        }
         false
     }
 

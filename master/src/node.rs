@@ -44,27 +44,7 @@ struct CommitWriter {
 
 #[tonic::async_trait]
 impl Writer for CommitWriter {
-    async fn submit(&self, ops: Vec<WriteOp>, opts: WriteOptions) -> Result<PendingWrite, Status> {
-        self.submit_from(ops, opts, None).await
-    }
-
-    async fn submit_alone(
-        &self,
-        ops: Vec<WriteOp>,
-        opts: WriteOptions,
-        from: WriterId,
-    ) -> Result<PendingWrite, Status> {
-        self.submit_from(ops, opts, Some(from)).await
-    }
-
-    fn note_read(&self, from: WriterId) {
-        self.committer.note_source(from);
-    }
-}
-
-impl CommitWriter {
-    /// `alone`: the writer of [`Writer::submit_alone`].
-    async fn submit_from(
+    async fn submit(
         &self,
         ops: Vec<WriteOp>,
         opts: WriteOptions,
@@ -72,11 +52,11 @@ impl CommitWriter {
     ) -> Result<PendingWrite, Status> {
         let wait = self.semi.resolve(&opts)?;
         let taken = std::time::Instant::now();
-        let answer = match alone {
-            Some(from) => self.committer.submit_alone(ops, from).await,
-            None => self.committer.submit(ops).await,
-        };
-        let answer = answer.map_err(write_status)?;
+        let answer = self
+            .committer
+            .submit(ops, alone)
+            .await
+            .map_err(write_status)?;
         let Some(wait) = wait else {
             return Ok(Box::pin(async move { answer.await.map_err(write_status) }));
         };
@@ -88,6 +68,10 @@ impl CommitWriter {
                 .await;
             Ok(out)
         }))
+    }
+
+    fn note_read(&self, from: WriterId) {
+        self.committer.note_source(from);
     }
 }
 

@@ -556,16 +556,10 @@ impl Connection<'_> {
         };
         // Bound the writes in flight on this connection.
         self.settle(super::MAX_IN_FLIGHT - 1).await;
-        // The only command in hand, with no answer owed before it: it may
-        // commit at once (`Writer::submit_alone`).
-        let submitted = if self.last_received && self.queue.is_empty() {
-            writer
-                .submit_alone(ops, WriteOptions::default(), self.writer)
-                .await
-        } else {
-            writer.submit(ops, WriteOptions::default()).await
-        };
-        match submitted {
+        // The only command in hand, with no answer owed before it: it is
+        // submitted alone.
+        let alone = (self.last_received && self.queue.is_empty()).then_some(self.writer);
+        match writer.submit(ops, WriteOptions::default(), alone).await {
             Ok(pending) => self
                 .queue
                 .push_back(Queued::Write(Box::pin(settle_write(pending, finish)))),
