@@ -4,6 +4,10 @@
 # 127.0.0.1:6381) replicating on localhost, with data under ./data/.
 # Ctrl-C stops both cleanly. RESP_MASTER / RESP_SLAVE change the RESP ports.
 set -euo pipefail
+# Job control: the nodes get process groups of their own, so a Ctrl-C reaches
+# only this script, whose trap stops each node once (a second signal makes a
+# node exit at once, without a clean shutdown).
+set -m
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
