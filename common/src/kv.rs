@@ -902,7 +902,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         let mut g = GroupBatch::default();
-        g.put(b"k", b"1");
+        g.put("k", "1");
         state.apply(g, 4, 1).unwrap();
         let (applied_tx, applied) = watch::channel(4u64);
         let floor = ReadFloor {
@@ -933,7 +933,7 @@ mod tests {
         // A read waiting when the floor is reached is served at it.
         let waiting = tokio::spawn(async move { kv.get(get("k", 0, MAX_WAIT_MS)).await });
         let mut g = GroupBatch::default();
-        g.put(b"k", b"2");
+        g.put("k", "2");
         state.apply(g, 9, 2).unwrap();
         applied_tx.send_replace(9);
         let r = waiting.await.unwrap().unwrap().into_inner();

@@ -31,8 +31,8 @@ pub enum ReplayError {
 /// and the consistency-check events add nothing.
 pub fn add_to_batch(batch: &mut GroupBatch, ev: &Event) {
     match &ev.kind {
-        EventKind::Put { key, value } => batch.put(key, value),
-        EventKind::Delete { key } => batch.delete(key),
+        EventKind::Put { key, value } => batch.put(key.clone(), value.clone()),
+        EventKind::Delete { key } => batch.delete(key.clone()),
         EventKind::Begin { .. }
         | EventKind::Commit { .. }
         | EventKind::VerifyPoint

@@ -124,7 +124,7 @@ async fn a_changed_value_is_caught_and_reads_stop() {
     {
         let state = tern_common::state::State::open(&bad.data_dir.join("db")).unwrap();
         let mut batch = tern_common::state::GroupBatch::default();
-        batch.put(b"k00042", b"not what the master has");
+        batch.put("k00042", "not what the master has");
         state
             .apply(batch, state.applied_index(), state.last_seq())
             .unwrap();

@@ -1135,14 +1135,14 @@ impl Committer {
             for (key, value) in &writes {
                 match value {
                     Some(v) => {
-                        batch.put(key, v);
+                        batch.put(key.clone(), v.clone());
                         push(EventKind::Put {
                             key: key.clone(),
                             value: v.clone(),
                         });
                     }
                     None => {
-                        batch.delete(key);
+                        batch.delete(key.clone());
                         push(EventKind::Delete { key: key.clone() });
                     }
                 }
