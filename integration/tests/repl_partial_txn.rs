@@ -23,6 +23,11 @@ use tern_integration::{Node, TestDir, Workload};
 /// the slave's catch-up, small).
 const PAUSE: Duration = Duration::from_millis(20);
 
+/// One batch in flight: a transaction's pieces reach the slave one by one.
+/// (Batches that arrive together are appended together, so with a wider
+/// window the relay log ends inside a transaction less often.)
+const WINDOW_BATCHES: &str = "1";
+
 /// What the slave logs when start-up truncates a torn or partial relay tail.
 const TRUNCATED: &str = "truncated it";
 
@@ -63,7 +68,10 @@ async fn kill_inside_a_transaction(slave: &mut Node) -> (u64, KindTag) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_slave_never_keeps_half_a_transaction() {
     let dir = TestDir::new("repl-partial-txn");
-    let env = [("TERN__SYNC__BATCH_BYTES", "4096")];
+    let env = [
+        ("TERN__SYNC__BATCH_BYTES", "4096"),
+        ("TERN__SYNC__WINDOW_BATCHES", WINDOW_BATCHES),
+    ];
     let master = Node::start_master(&dir.join("master"), &env, &[])
         .await
         .unwrap();
@@ -190,6 +198,7 @@ async fn link_lost_inside_a_transaction_rolls_back_to_a_boundary() {
     let dir = TestDir::new("repl-partial-txn-link");
     let env = [
         ("TERN__SYNC__BATCH_BYTES", "4096"),
+        ("TERN__SYNC__WINDOW_BATCHES", WINDOW_BATCHES),
         ("TERN__SYNC__LINK_TIMEOUT_MS", "1500"),
         ("TERN__SYNC__HEARTBEAT_MS", "300"),
     ];

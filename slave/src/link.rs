@@ -19,7 +19,8 @@
 //! CRCs, the boundary parser) and its bytes are appended unchanged to the relay
 //! log, so the relay log is byte-identical to the master's binlog. `received`
 //! moves only at Commit boundaries that are durable under the relay log's fsync
-//! policy (`always`: fsynced with the batch; `everysec`: at the next fsync, at
+//! policy (`always`: fsynced with the batch, and with the batches that arrived
+//! behind it meanwhile, under one fsync; `everysec`: at the next fsync, at
 //! most about a second later, driven by a timer so an idle link advances too;
 //! `no`: when written; see [`tern_common::durability`]). The events it decoded
 //! while checking are kept, and the transactions `received` newly covers are
@@ -123,6 +124,11 @@ impl ReconnectReason {
 /// Events the receiver keeps for the hand-off before it gives up on it (the
 /// applier then reads them from the relay log).
 const PENDING_EVENTS: usize = 256 * 1024;
+
+/// At most this many batches, or about this many bytes of records, that have
+/// already arrived are appended together under one fsync.
+const DRAIN_BATCHES: usize = 64;
+const DRAIN_BYTES: usize = 8 << 20;
 
 /// What the link shares with Info.
 pub struct LinkStatus {
@@ -616,25 +622,43 @@ impl Link {
             tokio::select! {
                 m = inbound.message() => {
                     last_heard = Instant::now();
-                    match m {
-                        Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::Batch(b)) })) => {
-                            if b.session_id != session_id {
-                                self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
-                                continue;
+                    // This message, and the batches that arrived behind it
+                    // while the last ones were fsynced: appended together and
+                    // fsynced once.
+                    let mut batches = Vec::new();
+                    let mut bytes = 0;
+                    let mut next = Some(m);
+                    let mut end = None;
+                    while let Some(m) = next.take() {
+                        match self.inbound_step(m, session_id) {
+                            Step::Batch(b) => {
+                                bytes += b.records.len();
+                                batches.push(b);
                             }
-                            let ack = tokio::task::block_in_place(|| self.receive(&b, &mut parser))?;
+                            Step::Skip => {}
+                            Step::End(e) => {
+                                end = Some(e);
+                                break;
+                            }
+                        }
+                        if batches.len() < DRAIN_BATCHES && bytes < DRAIN_BYTES {
+                            next = ready_message(&mut inbound);
+                        }
+                    }
+                    if !batches.is_empty() {
+                        let (acks, bad) = tokio::task::block_in_place(|| self.receive(&batches, &mut parser))?;
+                        for ack in acks {
                             if out_tx.send(slave_msg(pb::slave_message::Msg::Ack(ack))).await.is_err() {
-                                break Err(ReconnectReason::MasterClosed);
+                                end = Some(ReconnectReason::MasterClosed);
+                                break;
                             }
                         }
-                        Ok(Some(pb::MasterMessage { msg: Some(pb::master_message::Msg::Heartbeat(h)) })) => {
-                            if h.session_id != session_id {
-                                self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
-                            }
+                        if let Some(e) = bad {
+                            end = Some(e);
                         }
-                        Ok(Some(_)) => break Err(ReconnectReason::Protocol("unexpected message while streaming".into())),
-                        Ok(None) => break Err(ReconnectReason::MasterClosed),
-                        Err(s) => break Err(ReconnectReason::LinkLost(status_text(&s))),
+                    }
+                    if let Some(e) = end {
+                        break Err(e);
                     }
                 }
                 _ = check.tick() => {
@@ -695,13 +719,104 @@ impl Link {
         Ok(())
     }
 
-    /// Checks one batch, appends its bytes unchanged, advances `received` to
-    /// the last Commit boundary that is durable and returns the ack for it.
+    /// What one message of the stream means for the receive loop.
+    fn inbound_step(
+        &self,
+        m: Result<Option<pb::MasterMessage>, tonic::Status>,
+        session_id: u64,
+    ) -> Step {
+        match m {
+            Ok(Some(pb::MasterMessage {
+                msg: Some(pb::master_message::Msg::Batch(b)),
+            })) => {
+                if b.session_id != session_id {
+                    self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
+                    return Step::Skip;
+                }
+                Step::Batch(b)
+            }
+            Ok(Some(pb::MasterMessage {
+                msg: Some(pb::master_message::Msg::Heartbeat(h)),
+            })) => {
+                if h.session_id != session_id {
+                    self.status.stale_messages.fetch_add(1, Ordering::Relaxed);
+                }
+                Step::Skip
+            }
+            Ok(Some(_)) => Step::End(ReconnectReason::Protocol(
+                "unexpected message while streaming".into(),
+            )),
+            Ok(None) => Step::End(ReconnectReason::MasterClosed),
+            Err(s) => Step::End(ReconnectReason::LinkLost(status_text(&s))),
+        }
+    }
+
+    /// Checks batches received together, appends their bytes unchanged,
+    /// fsyncs once under the relay log's policy, advances `received` to the
+    /// last Commit boundary that is durable and returns one ack per batch.
+    /// Each reports `received` up to the last boundary within its own batch
+    /// (an ack's `received` never passes its batch's end). A batch that fails
+    /// its checks ends the session (the error returned with the acks of the
+    /// batches before it).
     fn receive(
+        &mut self,
+        batches: &[pb::BinlogBatch],
+        parser: &mut BoundaryParser,
+    ) -> Result<(Vec<pb::BinlogAck>, Option<ReconnectReason>), ReconnectReason> {
+        let mut appended = false;
+        // The last Commit boundary at the end of each batch.
+        let mut ends = Vec::with_capacity(batches.len());
+        let mut bad = None;
+        for b in batches {
+            match self.append_batch(b, parser) {
+                Ok(a) => appended |= a,
+                Err(e) => {
+                    // The batches before it are kept (made durable and
+                    // acked) as if it had come alone.
+                    bad = Some(e);
+                    break;
+                }
+            }
+            ends.push(parser.last_boundary());
+        }
+        if appended {
+            // The relay log's durability policy decides whether to fsync now.
+            self.relay
+                .sync_if_due()
+                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
+            self.publish_relay();
+        }
+        // (A batch that failed may have fed the parser part of itself.)
+        debug_assert!(bad.is_some() || self.relay.last_boundary() == parser.last_boundary());
+        let received = self.advance_received();
+        let applied = *self.applied.borrow();
+        let acks = batches
+            .iter()
+            .zip(ends)
+            .map(|(b, end)| {
+                // `end` passes the batch's end only for a batch that was
+                // all duplicates.
+                let received = received.min(end).min(b.last_index);
+                pb::BinlogAck {
+                    session_id: b.session_id,
+                    first_send: false,
+                    received_index: received,
+                    applied_index: applied.min(received),
+                    batch_first_index: b.first_index,
+                    batch_last_index: b.last_index,
+                }
+            })
+            .collect();
+        Ok((acks, bad))
+    }
+
+    /// Checks one batch and appends its new records' bytes unchanged (not
+    /// fsynced). Returns whether it appended anything.
+    fn append_batch(
         &mut self,
         b: &pb::BinlogBatch,
         parser: &mut BoundaryParser,
-    ) -> Result<pb::BinlogAck, ReconnectReason> {
+    ) -> Result<bool, ReconnectReason> {
         let proto = |m: String| ReconnectReason::Protocol(m);
         if b.first_index == 0 {
             return Err(proto("batch starts at index 0; indexes start at 1".into()));
@@ -763,26 +878,33 @@ impl Link {
                 expected - 1
             )));
         }
-        if b.last_index >= next {
-            let at_boundary = matches!(parser.state(), ParserState::Outside);
-            self.relay
-                .append(&b.records[skip_bytes..], next, b.last_index, at_boundary)
-                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            // The relay log's durability policy decides whether to fsync now.
-            self.relay
-                .sync_if_due()
-                .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
-            self.publish_relay();
+        if b.last_index < next {
+            return Ok(false);
         }
-        debug_assert_eq!(self.relay.last_boundary(), parser.last_boundary());
-        let received = self.advance_received();
-        Ok(pb::BinlogAck {
-            session_id: b.session_id,
-            first_send: false,
-            received_index: received,
-            applied_index: *self.applied.borrow(),
-            batch_first_index: b.first_index,
-            batch_last_index: b.last_index,
-        })
+        let at_boundary = matches!(parser.state(), ParserState::Outside);
+        self.relay
+            .append(&b.records[skip_bytes..], next, b.last_index, at_boundary)
+            .map_err(|e| ReconnectReason::Relay(e.to_string()))?;
+        Ok(true)
+    }
+}
+
+/// One message of the master's stream, for the receive loop.
+enum Step {
+    Batch(pb::BinlogBatch),
+    Skip,
+    End(ReconnectReason),
+}
+
+/// The stream's next message if it has already arrived (decoded from what
+/// the connection has buffered), without waiting.
+fn ready_message(
+    inbound: &mut tonic::Streaming<pb::MasterMessage>,
+) -> Option<Result<Option<pb::MasterMessage>, tonic::Status>> {
+    use tokio_stream::Stream;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(inbound).poll_next(&mut cx) {
+        std::task::Poll::Ready(m) => Some(m.transpose()),
+        std::task::Poll::Pending => None,
     }
 }

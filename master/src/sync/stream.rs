@@ -354,13 +354,15 @@ impl ReplyReader<'_> {
                     st.last_ack = Instant::now();
                 }
                 self.flow.room.notify_one();
+                // Monotone, as for heartbeats: the acks of batches a slave
+                // received together may report less than a heartbeat did.
                 shared
                     .registry
                     .update_session(&self.slave_id, self.session_id, |e| {
-                        e.received = received;
-                        e.applied = applied;
+                        e.received = e.received.max(received);
+                        e.applied = e.applied.max(applied);
                     });
-                self.received = received;
+                self.received = self.received.max(received);
                 self.pin.update(self.received);
                 self.report_received();
             }
