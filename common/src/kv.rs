@@ -85,6 +85,14 @@ pub enum WriteOp {
     Verify(Option<(u64, Bytes, u64)>),
 }
 
+impl WriteOp {
+    /// Whether the op reads the key's current value (everything but Put and
+    /// Delete).
+    pub fn reads(&self) -> bool {
+        !matches!(self, WriteOp::Put { .. } | WriteOp::Delete { .. })
+    }
+}
+
 /// What one operation produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpOutcome {

@@ -101,6 +101,11 @@ impl GroupBatch {
         self.writes.push((key.into(), None));
     }
 
+    /// The mutations in the order added (a key's last one is its value).
+    pub fn mutations(&self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> + '_ {
+        self.writes.iter().cloned()
+    }
+
     /// Mutations added (a key written twice counts twice).
     pub fn len(&self) -> usize {
         self.writes.len()

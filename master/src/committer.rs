@@ -675,6 +675,10 @@ const PROBE_FILE: &str = ".write-probe";
 /// Writes of the group not yet in RocksDB: `None` is a delete.
 type Overlay = HashMap<Bytes, Option<Bytes>>;
 
+/// One transaction executed: its after-images (each key once, `None` a
+/// delete) and each op's outcome.
+type Executed = Result<(Vec<(Bytes, Option<Bytes>)>, Vec<OpOutcome>), WriteError>;
+
 impl Committer {
     /// Makes the binlog and the state durable at the stop, and gives back
     /// the binlog; an error if the write path failed for good.
@@ -1063,7 +1067,9 @@ impl Committer {
         let mut next_index = first_index;
         let mut records = Vec::with_capacity(64 * 1024);
         let mut batch = GroupBatch::default();
-        let mut overlay = Overlay::new();
+        // Built from `batch` the first time a transaction reads (most groups
+        // only write), then kept up to date.
+        let mut overlay: Option<Overlay> = None;
         let mut answers: Vec<Result<WriteOutcome, WriteError>> = Vec::with_capacity(group.len());
         let mut seq = self.next_seq;
         let mut taken = 0;
@@ -1104,7 +1110,10 @@ impl Committer {
                 }
                 continue;
             }
-            let (writes, results) = match self.execute(&req.ops, &overlay) {
+            if overlay.is_none() && req.ops.iter().any(WriteOp::reads) {
+                overlay = Some(batch.mutations().collect());
+            }
+            let (writes, results) = match self.execute(&req.ops, overlay.as_ref()) {
                 Ok(x) => x,
                 Err(e) => {
                     answers.push(Err(e));
@@ -1149,8 +1158,8 @@ impl Committer {
             }
             push(EventKind::Commit { seq });
             seq += 1;
-            for (k, v) in writes {
-                overlay.insert(k, v);
+            if let Some(overlay) = overlay.as_mut() {
+                overlay.extend(writes);
             }
             answers.push(Ok(WriteOutcome {
                 index: next_index - 1,
@@ -1263,16 +1272,19 @@ impl Committer {
     /// is copied at most once per Put or first read, never once per Append),
     /// and the size of the final after-images is kept as ops run, so a Txn
     /// over [`MAX_TXN_WRITE_BYTES`] stops at the op that crosses it.
-    #[allow(clippy::type_complexity)]
-    fn execute(
-        &self,
-        ops: &[WriteOp],
-        group: &Overlay,
-    ) -> Result<(Vec<(Bytes, Option<Bytes>)>, Vec<OpOutcome>), WriteError> {
+    fn execute(&self, ops: &[WriteOp], group: Option<&Overlay>) -> Executed {
+        // One Put or Delete reads nothing: its after-image is the op itself.
+        match ops {
+            [WriteOp::Put { key, value }] => {
+                return single_write(key, Some(value), OpOutcome::Put);
+            }
+            [WriteOp::Delete { key }] => return single_write(key, None, OpOutcome::Delete),
+            _ => {}
+        }
         let mut txn = TxnValues::default();
         let mut results = Vec::with_capacity(ops.len());
         let read = |key: &Bytes| -> Result<Option<Bytes>, WriteError> {
-            if let Some(v) = group.get(key) {
+            if let Some(v) = group.and_then(|g| g.get(key)) {
                 return Ok(v.clone());
             }
             self.state
@@ -1339,6 +1351,20 @@ impl Committer {
         }
         Ok((txn.into_writes(), results))
     }
+}
+
+/// The after-image and outcome of a transaction of one Put or Delete, under
+/// the same size limit as [`TxnValues`] applies.
+fn single_write(key: &Bytes, value: Option<&Bytes>, outcome: OpOutcome) -> Executed {
+    let bytes = key.len() + value.map_or(0, Bytes::len);
+    if bytes > MAX_TXN_WRITE_BYTES {
+        return Err(WriteError::TxnTooLarge {
+            what: "write",
+            bytes,
+            limit: MAX_TXN_WRITE_BYTES,
+        });
+    }
+    Ok((vec![(key.clone(), value.cloned())], vec![outcome]))
 }
 
 /// Largest total of stored values one transaction may read (IncrBy and
