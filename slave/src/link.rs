@@ -125,9 +125,10 @@ impl ReconnectReason {
 /// applier then reads them from the relay log).
 const PENDING_EVENTS: usize = 256 * 1024;
 
-/// At most this many batches, or about this many bytes of records, that have
-/// already arrived are appended together under one fsync.
-const DRAIN_BATCHES: usize = 64;
+/// At most this many messages (batches or not), or about this many bytes of
+/// records, that have already arrived are taken together: their batches are
+/// appended under one fsync.
+const DRAIN_MESSAGES: usize = 64;
 const DRAIN_BYTES: usize = 8 << 20;
 
 /// What the link shares with Info.
@@ -629,7 +630,11 @@ impl Link {
                     let mut bytes = 0;
                     let mut next = Some(m);
                     let mut end = None;
+                    // Messages of any kind: heartbeats too, so a flood of
+                    // them cannot keep this task from yielding.
+                    let mut taken = 0;
                     while let Some(m) = next.take() {
+                        taken += 1;
                         match self.inbound_step(m, session_id) {
                             Step::Batch(b) => {
                                 bytes += b.records.len();
@@ -641,7 +646,7 @@ impl Link {
                                 break;
                             }
                         }
-                        if batches.len() < DRAIN_BATCHES && bytes < DRAIN_BYTES {
+                        if taken < DRAIN_MESSAGES && bytes < DRAIN_BYTES {
                             next = ready_message(&mut inbound);
                         }
                     }
