@@ -626,30 +626,7 @@ impl Link {
                     // This message, and the batches that arrived behind it
                     // while the last ones were fsynced: appended together and
                     // fsynced once.
-                    let mut batches = Vec::new();
-                    let mut bytes = 0;
-                    let mut next = Some(m);
-                    let mut end = None;
-                    // Messages of any kind: heartbeats too, so a flood of
-                    // them cannot keep this task from yielding.
-                    let mut taken = 0;
-                    while let Some(m) = next.take() {
-                        taken += 1;
-                        match self.inbound_step(m, session_id) {
-                            Step::Batch(b) => {
-                                bytes += b.records.len();
-                                batches.push(b);
-                            }
-                            Step::Skip => {}
-                            Step::End(e) => {
-                                end = Some(e);
-                                break;
-                            }
-                        }
-                        if taken < DRAIN_MESSAGES && bytes < DRAIN_BYTES {
-                            next = ready_message(&mut inbound);
-                        }
-                    }
+                    let (batches, mut end) = self.take_arrived(m, &mut inbound, session_id);
                     if !batches.is_empty() {
                         let (acks, bad) = tokio::task::block_in_place(|| self.receive(&batches, &mut parser))?;
                         for ack in acks {
@@ -722,6 +699,40 @@ impl Link {
             self.advance_received();
         }
         Ok(())
+    }
+
+    /// The batches of `first` and of the messages that have already arrived
+    /// behind it: at most [`DRAIN_MESSAGES`] messages of any kind (so a flood
+    /// of heartbeats cannot keep the receive task from yielding) or about
+    /// [`DRAIN_BYTES`] of records. Stops at a message that ends the session,
+    /// returning why with the batches before it.
+    fn take_arrived(
+        &self,
+        first: Result<Option<pb::MasterMessage>, tonic::Status>,
+        inbound: &mut tonic::Streaming<pb::MasterMessage>,
+        session_id: u64,
+    ) -> (Vec<pb::BinlogBatch>, Option<ReconnectReason>) {
+        let mut batches = Vec::new();
+        let mut bytes = 0;
+        let mut m = first;
+        for taken in 1.. {
+            match self.inbound_step(m, session_id) {
+                Step::Batch(b) => {
+                    bytes += b.records.len();
+                    batches.push(b);
+                }
+                Step::Skip => {}
+                Step::End(e) => return (batches, Some(e)),
+            }
+            if taken >= DRAIN_MESSAGES || bytes >= DRAIN_BYTES {
+                break;
+            }
+            match ready_message(inbound) {
+                Some(next) => m = next,
+                None => break,
+            }
+        }
+        (batches, None)
     }
 
     /// What one message of the stream means for the receive loop.
