@@ -48,6 +48,7 @@ want() { [[ $SELECT == *",$1,"* ]]; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
+source "$ROOT/scripts/redis-side.sh"
 DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-8}"
@@ -66,15 +67,7 @@ if ! awk -v n="$DUR_SECS" 'BEGIN { exit !(n > 0) }'; then
     exit 1
 fi
 
-# Redis from Debian, if its binaries are missing.
-if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null ||
-    ! command -v redis-cli >/dev/null; then
-    say "installing redis-server and redis-tools..."
-    SUDO=""
-    [[ "$(id -u)" -eq 0 ]] || SUDO=sudo
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server redis-tools >&2
-fi
+ensure_redis
 
 if [[ -n "${TERN_BIN_DIR:-}" ]]; then
     BIN="$TERN_BIN_DIR"
@@ -112,25 +105,10 @@ if [[ -n "$TERN_KV_FLAGS" ]]; then TERN_MODE="tern-bench kv $TERN_KV_FLAGS"; els
 [[ $HAS_PIPELINE -eq 1 ]] || TERN_MODE="$TERN_MODE (this tern-bench has no --pipeline)"
 say "tern mode: $TERN_MODE"
 
-WORK="$(mktemp -d -t tern-vs-redis.XXXXXX)"
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+work_dir tern-vs-redis
 
 # Five distinct free ports, reused by every round.
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-PORTS=()
-next=$((20000 + RANDOM % 20000))
-while [[ ${#PORTS[@]} -lt 5 ]]; do
-    port_in_use "$next" || PORTS+=("$next")
-    next=$((next + 1))
-done
+free_ports 5
 RM_PORT=${PORTS[0]} RR_PORT=${PORTS[1]} TM_PORT=${PORTS[2]} TS_PORT=${PORTS[3]}
 TM_RESP=${PORTS[4]} # the tern master's RESP front (row g)
 TM_URL="http://127.0.0.1:$TM_PORT" TS_URL="http://127.0.0.1:$TS_PORT"
@@ -139,19 +117,6 @@ stop() { # stop PID: SIGTERM and reap
     kill -TERM "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }
-
-# until_ok SECONDS WHAT CMD...: retries CMD every 0.1 s.
-until_ok() {
-    local secs="$1" what="$2" i; shift 2
-    for ((i = 0; i < secs * 10; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    echo "$what: not ready after ${secs}s" >&2
-    exit 1
-}
-redis_up() { [[ "$(redis-cli -p "$1" ping)" == PONG ]]; }
-replica_linked() { redis-cli -p "$1" info replication | grep -q '^master_link_status:up'; }
 
 # redis_start ROLE PORT [--replicaof HOST PORT]: sets LAST_PID.
 redis_start() {
