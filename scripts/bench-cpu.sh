@@ -33,10 +33,17 @@ KEYS=100000
 VALUE_SIZE=100
 say() { echo "[$(date +%T)] $*" >&2; }
 
+declare -A WRITES # pipeline depth -> writes per load
 for p in $PIPELINES; do
     [[ $p =~ ^[1-9][0-9]*$ ]] || { echo "PIPELINES: '$p' is not a positive integer" >&2; exit 1; }
+    var="N_$p"
+    WRITES[$p]="${!var:-$((300000 * p < 2000000 ? 300000 * p : 2000000))}"
+    [[ ${WRITES[$p]} =~ ^[1-9][0-9]*$ ]] ||
+        { echo "$var=${WRITES[$p]}: expected a positive integer" >&2; exit 1; }
 done
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS=$ROUNDS: expected a positive integer" >&2; exit 1; }
+for v in ROUNDS CLIENTS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "$v=${!v}: expected a positive integer" >&2; exit 1; }
+done
 
 ensure_redis
 if [[ -n "${TERN_BIN_DIR:-}" ]]; then
@@ -164,9 +171,7 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         say "round $ROUND: $sys"
         start "$sys"
         for p in $PIPELINES; do
-            var="N_$p"
-            n="${!var:-$((300000 * p < 2000000 ? 300000 * p : 2000000))}"
-            measure "$sys" "$p" "$n"
+            measure "$sys" "$p" "${WRITES[$p]}"
         done
         stop_all
     done
