@@ -46,16 +46,7 @@ for v in ROUNDS CLIENTS; do
 done
 
 ensure_redis
-if [[ -n "${TERN_BIN_DIR:-}" ]]; then
-    BIN="$TERN_BIN_DIR"
-else
-    say "building (cargo build --bins)..."
-    (cd "$ROOT" && cargo build --bins --quiet)
-    BIN="$CARGO_TARGET_DIR/debug"
-fi
-for b in tern-master tern-slave tern-bench; do
-    [[ -x "$BIN/$b" ]] || { echo "missing $BIN/$b" >&2; exit 1; }
-done
+tern_binaries tern-master tern-slave tern-bench
 # fdatasync counts need perf and a readable tracepoint.
 FSYNC_COUNT=0
 if command -v perf >/dev/null &&

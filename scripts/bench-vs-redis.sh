@@ -69,17 +69,7 @@ fi
 
 ensure_redis
 
-if [[ -n "${TERN_BIN_DIR:-}" ]]; then
-    BIN="$TERN_BIN_DIR"
-    say "binaries from $BIN (not built)"
-else
-    say "building (cargo build --bins)..."
-    (cd "$ROOT" && cargo build --bins --quiet)
-    BIN="$CARGO_TARGET_DIR/debug"
-fi
-for b in tern-master tern-slave tern-bench redis-lag; do
-    [[ -x "$BIN/$b" ]] || { echo "missing $BIN/$b" >&2; exit 1; }
-done
+tern_binaries tern-master tern-slave tern-bench redis-lag
 
 # tern-bench kv --pipeline (a newer flag): one Kv.Pipeline stream per client.
 if "$BIN/tern-bench" kv --help | grep -q -- --pipeline; then

@@ -1,6 +1,7 @@
 # Sourced by the scripts that run Redis next to tern (bench-vs-redis.sh,
-# bench-cpu.sh): Redis from Debian when missing, a work directory whose
-# processes are stopped on exit, free ports, and readiness checks.
+# bench-cpu.sh), after env.sh: Redis from Debian when missing, tern's
+# binaries, a work directory whose processes are stopped on exit, free
+# ports, and readiness checks.
 
 # Installs redis-server and redis-tools from Debian if any of their binaries
 # is missing.
@@ -13,6 +14,24 @@ ensure_redis() {
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server redis-tools >&2
     fi
+}
+
+# tern_binaries NAME...: sets BIN to the directory holding the binaries
+# NAME...: TERN_BIN_DIR when set (binaries copied aside, not built), else
+# the shared target directory after a build. Exits if one is missing.
+tern_binaries() {
+    if [[ -n "${TERN_BIN_DIR:-}" ]]; then
+        BIN="$TERN_BIN_DIR"
+        echo "binaries from $BIN (not built)" >&2
+    else
+        echo "building (cargo build --bins)..." >&2
+        (cd "$(dirname "${BASH_SOURCE[0]}")/.." && cargo build --bins --quiet)
+        BIN="$CARGO_TARGET_DIR/debug"
+    fi
+    local b
+    for b in "$@"; do
+        [[ -x "$BIN/$b" ]] || { echo "missing $BIN/$b" >&2; exit 1; }
+    done
 }
 
 # work_dir PREFIX: sets WORK (a new temporary directory) and PIDS (processes
