@@ -1356,7 +1356,13 @@ impl Committer {
 /// The after-image and outcome of a transaction of one Put or Delete, under
 /// the same size limit as [`TxnValues`] applies.
 fn single_write(key: &Bytes, value: Option<&Bytes>, outcome: OpOutcome) -> Executed {
-    let bytes = key.len() + value.map_or(0, Bytes::len);
+    within_write_limit(key.len() + value.map_or(0, Bytes::len))?;
+    Ok((vec![(key.clone(), value.cloned())], vec![outcome]))
+}
+
+/// A transaction's final after-images may hold at most
+/// [`MAX_TXN_WRITE_BYTES`] of keys and values.
+fn within_write_limit(bytes: usize) -> Result<(), WriteError> {
     if bytes > MAX_TXN_WRITE_BYTES {
         return Err(WriteError::TxnTooLarge {
             what: "write",
@@ -1364,7 +1370,7 @@ fn single_write(key: &Bytes, value: Option<&Bytes>, outcome: OpOutcome) -> Execu
             limit: MAX_TXN_WRITE_BYTES,
         });
     }
-    Ok((vec![(key.clone(), value.cloned())], vec![outcome]))
+    Ok(())
 }
 
 /// Largest total of stored values one transaction may read (IncrBy and
@@ -1478,14 +1484,7 @@ impl TxnValues {
     /// Final after-images grow by `added` and shrink by `removed` bytes.
     fn charge(&mut self, added: usize, removed: usize) -> Result<(), WriteError> {
         self.write_bytes = self.write_bytes.saturating_sub(removed) + added;
-        if self.write_bytes > MAX_TXN_WRITE_BYTES {
-            return Err(WriteError::TxnTooLarge {
-                what: "write",
-                bytes: self.write_bytes,
-                limit: MAX_TXN_WRITE_BYTES,
-            });
-        }
-        Ok(())
+        within_write_limit(self.write_bytes)
     }
 
     /// The after-images of the keys written, each once with its final
