@@ -12,10 +12,25 @@
 //! column families are always flushed together (otherwise `meta` could be durable
 //! ahead of `default`). A clean shutdown flushes, so a restart replays nothing.
 //! The binlog must therefore never be purged past [`State::flush`]ed state.
+//!
+//! **Write-back buffer.** [`State::apply`] does not write each group to
+//! RocksDB. It puts each key's last mutation in an in-memory buffer (a hash
+//! map) and moves the applied index with it; reads look in the buffer first.
+//! When the buffer holds [`DRAIN_BYTES`], the writer **drains** it: one
+//! WriteBatch of every buffered key in key order, with the applied index of
+//! the buffer's last group (I2 holds for what RocksDB holds). A memtable
+//! insert of random keys is a skip-list search with a cache miss on each of
+//! its lower levels; keys in one large sorted batch land next to each other,
+//! so each insert starts where the last ended. Everything that reads RocksDB
+//! as a whole (scans, checksums, checkpoints, flushes, key counts) drains
+//! first. What the buffer holds is no less durable than a memtable was: both
+//! are lost in a crash, and the binlog after RocksDB's applied index replays
+//! them.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 use rocksdb::checkpoint::Checkpoint;
@@ -29,6 +44,13 @@ use crate::history::{Histories, HistoryEntry};
 use crate::position::ReplId;
 
 const META_CF: &str = "meta";
+
+/// The write-back buffer is drained into RocksDB once its keys, values and
+/// per-entry overhead reach this many bytes.
+pub const DRAIN_BYTES: usize = 4 << 20;
+/// Bytes counted for each buffered entry besides its key and value (the hash
+/// map's slot and the two shared-buffer handles).
+const ENTRY_OVERHEAD: usize = 80;
 
 /// How often writers start a background flush (bounds crash-recovery replay).
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -64,6 +86,45 @@ struct Inner {
     db: DB,
     applied: AtomicU64,
     last_seq: AtomicU64,
+    buffer: RwLock<Buffer>,
+    /// One drain at a time (the writer's, or a reader's before a scan).
+    draining: Mutex<()>,
+    /// A RocksDB write or flush failed and none succeeded since: each group
+    /// is then written through (as if there were no buffer), so a RocksDB
+    /// that keeps an error refuses the group that met it.
+    rocks_failing: AtomicBool,
+}
+
+/// Mutations applied but not yet in RocksDB: each key's last one (`None` is
+/// a delete). `active` takes new groups; `frozen`, when set, is being (or
+/// failed to be) written to RocksDB and is older than everything in
+/// `active`.
+#[derive(Default)]
+struct Buffer {
+    active: HashMap<Bytes, Option<Bytes>>,
+    active_bytes: usize,
+    /// The position after `active`'s last group (the state's position).
+    applied: u64,
+    last_seq: u64,
+    frozen: Option<Arc<Frozen>>,
+}
+
+struct Frozen {
+    writes: HashMap<Bytes, Option<Bytes>>,
+    applied: u64,
+    last_seq: u64,
+}
+
+impl Buffer {
+    /// The buffered value of `key`: `Some(None)` for a buffered delete,
+    /// `None` when RocksDB has the key's latest value.
+    fn lookup(&self, key: &[u8]) -> Option<Option<&Bytes>> {
+        if let Some(v) = self.active.get(key) {
+            return Some(v.as_ref());
+        }
+        let frozen = self.frozen.as_ref()?;
+        frozen.writes.get(key).map(Option::as_ref)
+    }
 }
 
 /// What [`State::checksum`] returns: a digest of the whole keyspace at `index`.
@@ -173,6 +234,104 @@ fn decode_u64(key: &'static str, v: &[u8]) -> Result<u64, StateError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+impl Inner {
+    /// The buffer, read. A writer that panicked holding it may have left a
+    /// group half buffered; its write path then fails for good (the master's
+    /// committer and the slave's applier stop the node), and reads go on
+    /// meanwhile.
+    fn buffer(&self) -> RwLockReadGuard<'_, Buffer> {
+        self.buffer.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn buffer_mut(&self) -> RwLockWriteGuard<'_, Buffer> {
+        self.buffer.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn draining(&self) -> MutexGuard<'_, ()> {
+        self.draining.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn meta(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(META_CF)
+            .expect("meta column family is created at open")
+    }
+
+    /// Writes `batch` with the position it brings the state to, as one
+    /// RocksDB batch (I2). RocksDB's WAL is off: the binlog is the log.
+    fn write_with_position(
+        &self,
+        batch: &mut WriteBatch,
+        applied: u64,
+        last_seq: u64,
+    ) -> Result<(), StateError> {
+        let meta = self.meta();
+        batch.put_cf(meta, KEY_APPLIED, applied.to_be_bytes());
+        batch.put_cf(meta, KEY_LAST_SEQ, last_seq.to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        let written = self.db.write_opt(std::mem::take(batch), &wo);
+        if written.is_err() {
+            self.rocks_failing.store(true, Ordering::Release);
+        }
+        Ok(written?)
+    }
+
+    /// Writes everything buffered into RocksDB: after it returns `Ok`,
+    /// RocksDB holds every group applied before the call.
+    fn drain(&self) -> Result<(), StateError> {
+        let _one = self.draining();
+        // A drain that failed left its part frozen: that goes first, then
+        // what was buffered after it.
+        for _ in 0..2 {
+            let frozen = {
+                let mut b = self.buffer_mut();
+                match &b.frozen {
+                    Some(f) => f.clone(),
+                    None if b.active.is_empty() => return Ok(()),
+                    None => {
+                        // Sized for as many keys again: no rehashing while
+                        // the writer fills it.
+                        let next = HashMap::with_capacity(b.active.len());
+                        let f = Arc::new(Frozen {
+                            writes: std::mem::replace(&mut b.active, next),
+                            applied: b.applied,
+                            last_seq: b.last_seq,
+                        });
+                        b.active_bytes = 0;
+                        b.frozen = Some(f.clone());
+                        f
+                    }
+                }
+            };
+            let mut keys: Vec<(&Bytes, &Option<Bytes>)> = frozen.writes.iter().collect();
+            keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let mut batch = WriteBatch::default();
+            for (key, value) in keys {
+                match value {
+                    Some(v) => batch.put(key, v),
+                    None => batch.delete(key),
+                }
+            }
+            self.write_with_position(&mut batch, frozen.applied, frozen.last_seq)?;
+            // Readers that miss `active` now find these keys in RocksDB.
+            self.buffer_mut().frozen = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// What is buffered goes to RocksDB before it closes (RocksDB flushes
+    /// its memtables at close), as it did when every group was written
+    /// straight to RocksDB; a failure leaves it to the binlog's replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.drain() {
+            tracing::warn!(error = %e, "rocksdb write of the write-back buffer at close failed");
+        }
+    }
+}
+
 impl State {
     /// Opens (creating if missing) the RocksDB at `path`.
     pub fn open(path: &Path) -> Result<State, StateError> {
@@ -186,6 +345,9 @@ impl State {
             db,
             applied: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
+            buffer: RwLock::new(Buffer::default()),
+            draining: Mutex::new(()),
+            rocks_failing: AtomicBool::new(false),
         };
         let state = State {
             inner: Arc::new(inner),
@@ -194,14 +356,16 @@ impl State {
         let last_seq = state.read_meta_u64(KEY_LAST_SEQ, "last_seq")?;
         state.inner.applied.store(applied, Ordering::Release);
         state.inner.last_seq.store(last_seq, Ordering::Release);
+        {
+            let mut b = state.inner.buffer_mut();
+            b.applied = applied;
+            b.last_seq = last_seq;
+        }
         Ok(state)
     }
 
     fn meta(&self) -> &rocksdb::ColumnFamily {
-        self.inner
-            .db
-            .cf_handle(META_CF)
-            .expect("meta column family is created at open")
+        self.inner.meta()
     }
 
     fn read_meta_u64(&self, key: &[u8], name: &'static str) -> Result<u64, StateError> {
@@ -311,8 +475,14 @@ impl State {
         self.flush()
     }
 
-    /// Reads the current value of `key` (uncached, straight from RocksDB).
+    /// Reads the current value of `key` (from the write-back buffer, or
+    /// else from RocksDB).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        if let Some(v) = self.inner.buffer().lookup(key) {
+            return Ok(v.map(|v| v.to_vec()));
+        }
+        // Not buffered: RocksDB has its latest value, and only a drain of a
+        // later write of it can change that.
         Ok(self.inner.db.get_pinned(key)?.map(|v| v.to_vec()))
     }
 
@@ -324,11 +494,19 @@ impl State {
         }
     }
 
-    /// Reads `key` and the applied index the read was served at, both from one
-    /// RocksDB snapshot: the value is exactly the one at that index.
+    /// Reads `key` and the applied index the read was served at: the value
+    /// is exactly the one at that index. Under the buffer's lock, either the
+    /// buffer has the key's last mutation, or RocksDB does (a drain writes
+    /// only buffered keys), and the snapshot taken there keeps it.
     pub fn get_at(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, u64), StateError> {
-        let snap = self.inner.db.snapshot();
-        let index = self.index_at(&snap)?;
+        let snap = {
+            let b = self.inner.buffer();
+            if let Some(v) = b.lookup(key) {
+                return Ok((v.map(|v| v.to_vec()), b.applied));
+            }
+            (self.inner.db.snapshot(), b.applied)
+        };
+        let (snap, index) = snap;
         Ok((snap.get_pinned(key)?.map(|v| v.to_vec()), index))
     }
 
@@ -347,6 +525,7 @@ impl State {
         limit: usize,
         max_bytes: usize,
     ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, u64, bool), StateError> {
+        self.inner.drain()?;
         let snap = self.inner.db.snapshot();
         let index = self.index_at(&snap)?;
         let mut ro = ReadOptions::default();
@@ -375,15 +554,54 @@ impl State {
         Ok((items, index, false))
     }
 
-    /// Applies one group atomically with the new applied index and last seq.
+    /// Applies one group atomically with the new applied index and last seq:
+    /// into the write-back buffer, which is drained into RocksDB once it
+    /// holds [`DRAIN_BYTES`]. An error means the group is not applied (the
+    /// state is still at the index before it): a drain due before it failed,
+    /// or, while RocksDB is failing, its write-through.
     pub fn apply(&self, group: GroupBatch, applied: u64, last_seq: u64) -> Result<(), StateError> {
+        if self.inner.rocks_failing.load(Ordering::Acquire) {
+            return self.write_through(group, applied, last_seq);
+        }
+        let full = {
+            let mut b = self.inner.buffer_mut();
+            for (key, value) in group.writes {
+                b.active_bytes += key.len() + value.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+                b.active.insert(key, value);
+            }
+            b.applied = applied;
+            b.last_seq = last_seq;
+            self.inner.last_seq.store(last_seq, Ordering::Release);
+            self.inner.applied.store(applied, Ordering::Release);
+            b.active_bytes >= DRAIN_BYTES
+        };
+        if full {
+            // The group is applied (in the buffer) whatever the drain does;
+            // a failed drain is kept and tried again before the next group.
+            if let Err(e) = self.inner.drain() {
+                tracing::warn!(error = %e, "rocksdb write of the write-back buffer failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// `apply` while RocksDB is failing: what is buffered first, then the
+    /// group itself, straight into RocksDB.
+    fn write_through(
+        &self,
+        group: GroupBatch,
+        applied: u64,
+        last_seq: u64,
+    ) -> Result<(), StateError> {
+        self.inner.drain()?;
+        let _one = self.inner.draining();
         let mut batch = group.into_write_batch();
-        let meta = self.meta();
-        batch.put_cf(meta, KEY_APPLIED, applied.to_be_bytes());
-        batch.put_cf(meta, KEY_LAST_SEQ, last_seq.to_be_bytes());
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.inner.db.write_opt(batch, &wo)?;
+        self.inner
+            .write_with_position(&mut batch, applied, last_seq)?;
+        self.inner.rocks_failing.store(false, Ordering::Release);
+        let mut b = self.inner.buffer_mut();
+        b.applied = applied;
+        b.last_seq = last_seq;
         self.inner.last_seq.store(last_seq, Ordering::Release);
         self.inner.applied.store(applied, Ordering::Release);
         Ok(())
@@ -401,6 +619,7 @@ impl State {
     }
 
     fn flush_all(&self, wait: bool) -> Result<(), StateError> {
+        self.inner.drain()?;
         let mut fo = FlushOptions::default();
         fo.set_wait(wait);
         let default = self
@@ -408,13 +627,17 @@ impl State {
             .db
             .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
             .expect("default column family exists");
-        self.inner.db.flush_cfs_opt(&[default, self.meta()], &fo)?;
+        if let Err(e) = self.inner.db.flush_cfs_opt(&[default, self.meta()], &fo) {
+            self.inner.rocks_failing.store(true, Ordering::Release);
+            return Err(e.into());
+        }
         Ok(())
     }
 
     /// Creates a RocksDB checkpoint at `dir` (which must not exist) and returns the
     /// applied index read from **inside** the checkpoint.
     pub fn checkpoint(&self, dir: &Path) -> Result<u64, StateError> {
+        self.inner.drain()?;
         Checkpoint::new(&self.inner.db)?.create_checkpoint(dir)?;
         Ok(read_checkpoint_meta(dir)?.applied_index)
     }
@@ -424,6 +647,7 @@ impl State {
     /// Keys in the keyspace now (a pass over every key; values are not
     /// read into the block cache). The RESP front's DBSIZE.
     pub fn count_keys(&self) -> Result<u64, StateError> {
+        self.inner.drain()?;
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
         let mut it = self.inner.db.raw_iterator_opt(ro);
@@ -468,6 +692,7 @@ impl State {
     /// then gets the digest of the state exactly as it was (the online
     /// consistency checks digest the state at a check point).
     pub fn checksum_with(&self, taken: impl FnOnce()) -> Result<KeyspaceChecksum, StateError> {
+        self.inner.drain()?;
         let snap = self.inner.db.snapshot();
         taken();
         let index = self.index_at(&snap)?;
@@ -622,6 +847,87 @@ mod tests {
         assert_eq!((items.len(), more), (1, true));
         let (items, _, more) = s.scan(b"", b"", 10, 4).unwrap();
         assert_eq!((items.len(), more), (2, false));
+    }
+
+    #[test]
+    fn reads_see_buffered_writes_and_deletes_before_and_after_a_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.apply(group(&[(b"a", b"1"), (b"b", b"1")], &[]), 2, 1)
+            .unwrap();
+        s.flush().unwrap();
+        // Buffered: a delete of a key RocksDB has, and a new key.
+        s.apply(group(&[(b"c", b"3")], &[b"a"]), 5, 2).unwrap();
+        assert_eq!(s.get(b"a").unwrap(), None);
+        assert_eq!(s.get_at(b"a").unwrap(), (None, 5));
+        assert_eq!(s.get_at(b"b").unwrap(), (Some(b"1".to_vec()), 5));
+        assert_eq!(s.get_at(b"c").unwrap(), (Some(b"3".to_vec()), 5));
+        assert_eq!(s.get(b"zz").unwrap(), None);
+        // Enough to drain: every value read back is the last one written.
+        let value = vec![b'v'; 1000];
+        let mut index = 5;
+        for round in 0..(2 * DRAIN_BYTES / 100_000) as u64 {
+            let mut g = GroupBatch::default();
+            for k in 0..90u64 {
+                let mut v = value.clone();
+                v.extend_from_slice(&round.to_be_bytes());
+                g.put(format!("k{k}"), v);
+            }
+            g.put("c", round.to_string());
+            index += 91;
+            s.apply(g, index, round + 3).unwrap();
+            assert_eq!(
+                s.get_at(b"c").unwrap(),
+                (Some(round.to_string().into_bytes()), index)
+            );
+        }
+        assert_eq!(s.get(b"a").unwrap(), None);
+        let c = s.checksum().unwrap();
+        assert_eq!((c.index, c.keys), (index, 92));
+        let (items, at, more) = s.scan(b"k1", b"k2", 1000, usize::MAX).unwrap();
+        assert_eq!((items.len(), at, more), (11, index, false));
+        assert_eq!(s.count_keys().unwrap(), 92);
+    }
+
+    #[test]
+    fn a_value_read_with_its_index_is_the_one_at_that_index_across_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (s, stop) = (s.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let (mut reads, mut last) = (0u64, 0u64);
+                    while !stop.load(Ordering::Acquire) {
+                        let (v, index) = s.get_at(b"clock").unwrap();
+                        let v: u64 =
+                            v.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap());
+                        assert_eq!(v, index, "the clock key holds the index of its group");
+                        assert!(index >= last, "reads go back: {last} then {index}");
+                        last = index;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        // Every group writes the clock; the filler makes the buffer drain
+        // about every 40 groups.
+        let filler = vec![b'f'; 1000];
+        for i in 1..=400u64 {
+            let mut g = GroupBatch::default();
+            g.put("clock", i.to_string());
+            for k in 0..100u64 {
+                g.put(format!("f{}", (i * 100 + k) % 5000), filler.clone());
+            }
+            s.apply(g, i, i).unwrap();
+        }
+        stop.store(true, Ordering::Release);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+        assert_eq!(s.checksum().unwrap().index, 400);
     }
 
     #[test]
