@@ -137,13 +137,10 @@ pub struct KeyspaceChecksum {
 
 /// A group of mutations applied atomically together with the applied index.
 ///
-/// [`State::apply`] writes each key's last mutation only (what the state
-/// holds once the whole group is applied; reads only see whole groups), in
-/// key order: each insert still searches the memtable's skip list from the
-/// top (RocksDB reuses the previous position only for adjacent keys), but
-/// in key order consecutive searches share the path's upper nodes in the
-/// cache. Random order made that search 64 % of the master committer's
-/// time (38 % after the memtable went to 16 MiB; 24 % sorted).
+/// [`State::apply`] buffers each key's last mutation (what the state holds
+/// once the whole group is applied; reads only see whole groups). A group
+/// written straight to RocksDB (while RocksDB is failing) is written in key
+/// order, each key once.
 ///
 /// Keys and values are shared with the buffers they came in (the client's
 /// request, the batch a slave received): adding one copies nothing.
