@@ -32,7 +32,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{
     ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, ReadOptions, WriteBatch,
@@ -51,6 +51,9 @@ pub const DRAIN_BYTES: usize = 4 << 20;
 /// Bytes counted for each buffered entry besides its key and value (the hash
 /// map's slot and the two shared-buffer handles).
 const ENTRY_OVERHEAD: usize = 80;
+/// Buffered keys and values are copied into chunks of this size (a larger
+/// value gets a chunk of its own).
+const CHUNK_BYTES: usize = 256 << 10;
 
 /// How often writers start a background flush (bounds crash-recovery replay).
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -90,8 +93,8 @@ struct Inner {
     /// One drain at a time (the writer's, or a reader's before a scan).
     draining: Mutex<()>,
     /// A RocksDB write or flush failed and none succeeded since: each group
-    /// is then written through (as if there were no buffer), so a RocksDB
-    /// that keeps an error refuses the group that met it.
+    /// is then written through (as if there were no buffer), so while
+    /// RocksDB keeps an error every group is refused.
     rocks_failing: AtomicBool,
 }
 
@@ -103,6 +106,10 @@ struct Inner {
 struct Buffer {
     active: HashMap<Bytes, Option<Bytes>>,
     active_bytes: usize,
+    /// Where `active`'s keys and values are copied to. Not kept as the
+    /// slices of the requests or batches they came in: one 100-byte value
+    /// would keep its whole receive buffer alive until the next drain.
+    chunk: BytesMut,
     /// The position after `active`'s last group (the state's position).
     applied: u64,
     last_seq: u64,
@@ -116,6 +123,14 @@ struct Frozen {
 }
 
 impl Buffer {
+    fn copy_in(&mut self, data: &[u8]) -> Bytes {
+        if self.chunk.capacity() - self.chunk.len() < data.len() {
+            self.chunk = BytesMut::with_capacity(CHUNK_BYTES.max(data.len()));
+        }
+        self.chunk.extend_from_slice(data);
+        self.chunk.split().freeze()
+    }
+
     /// The buffered value of `key`: `Some(None)` for a buffered delete,
     /// `None` when RocksDB has the key's latest value.
     fn lookup(&self, key: &[u8]) -> Option<Option<&Bytes>> {
@@ -248,6 +263,15 @@ impl Inner {
         self.draining.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The state's position is now after the group at `applied` (under the
+    /// buffer's lock, so reads see the group and its index together).
+    fn set_position(&self, b: &mut Buffer, applied: u64, last_seq: u64) {
+        b.applied = applied;
+        b.last_seq = last_seq;
+        self.last_seq.store(last_seq, Ordering::Release);
+        self.applied.store(applied, Ordering::Release);
+    }
+
     fn meta(&self) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(META_CF)
@@ -287,9 +311,11 @@ impl Inner {
                     Some(f) => f.clone(),
                     None if b.active.is_empty() => return Ok(()),
                     None => {
-                        // Sized for as many keys again: no rehashing while
-                        // the writer fills it.
-                        let next = HashMap::with_capacity(b.active.len());
+                        // Sized for as many keys again (within what
+                        // DRAIN_BYTES can hold): no rehashing while the
+                        // writer fills it.
+                        let keys = b.active.len().min(DRAIN_BYTES / ENTRY_OVERHEAD);
+                        let next = HashMap::with_capacity(keys);
                         let f = Arc::new(Frozen {
                             writes: std::mem::replace(&mut b.active, next),
                             applied: b.applied,
@@ -351,13 +377,9 @@ impl State {
         };
         let applied = state.read_meta_u64(KEY_APPLIED, "applied_index")?;
         let last_seq = state.read_meta_u64(KEY_LAST_SEQ, "last_seq")?;
-        state.inner.applied.store(applied, Ordering::Release);
-        state.inner.last_seq.store(last_seq, Ordering::Release);
-        {
-            let mut b = state.inner.buffer_mut();
-            b.applied = applied;
-            b.last_seq = last_seq;
-        }
+        state
+            .inner
+            .set_position(&mut state.inner.buffer_mut(), applied, last_seq);
         Ok(state)
     }
 
@@ -496,14 +518,13 @@ impl State {
     /// buffer has the key's last mutation, or RocksDB does (a drain writes
     /// only buffered keys), and the snapshot taken there keeps it.
     pub fn get_at(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, u64), StateError> {
-        let snap = {
+        let (snap, index) = {
             let b = self.inner.buffer();
             if let Some(v) = b.lookup(key) {
                 return Ok((v.map(|v| v.to_vec()), b.applied));
             }
             (self.inner.db.snapshot(), b.applied)
         };
-        let (snap, index) = snap;
         Ok((snap.get_pinned(key)?.map(|v| v.to_vec()), index))
     }
 
@@ -553,9 +574,10 @@ impl State {
 
     /// Applies one group atomically with the new applied index and last seq:
     /// into the write-back buffer, which is drained into RocksDB once it
-    /// holds [`DRAIN_BYTES`]. An error means the group is not applied (the
-    /// state is still at the index before it): a drain due before it failed,
-    /// or, while RocksDB is failing, its write-through.
+    /// holds [`DRAIN_BYTES`]. It fails only while RocksDB is failing (then
+    /// what is buffered, and the group, are written straight to RocksDB),
+    /// and an error means the group is not applied: the state is still at
+    /// the index before it.
     pub fn apply(&self, group: GroupBatch, applied: u64, last_seq: u64) -> Result<(), StateError> {
         if self.inner.rocks_failing.load(Ordering::Acquire) {
             return self.write_through(group, applied, last_seq);
@@ -564,12 +586,11 @@ impl State {
             let mut b = self.inner.buffer_mut();
             for (key, value) in group.writes {
                 b.active_bytes += key.len() + value.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+                let key = b.copy_in(&key);
+                let value = value.map(|v| b.copy_in(&v));
                 b.active.insert(key, value);
             }
-            b.applied = applied;
-            b.last_seq = last_seq;
-            self.inner.last_seq.store(last_seq, Ordering::Release);
-            self.inner.applied.store(applied, Ordering::Release);
+            self.inner.set_position(&mut b, applied, last_seq);
             b.active_bytes >= DRAIN_BYTES
         };
         if full {
@@ -593,14 +614,13 @@ impl State {
         self.inner.drain()?;
         let _one = self.inner.draining();
         let mut batch = group.into_write_batch();
+        // Held across the write: a read sees the group and its index, or
+        // neither.
+        let mut b = self.inner.buffer_mut();
         self.inner
             .write_with_position(&mut batch, applied, last_seq)?;
         self.inner.rocks_failing.store(false, Ordering::Release);
-        let mut b = self.inner.buffer_mut();
-        b.applied = applied;
-        b.last_seq = last_seq;
-        self.inner.last_seq.store(last_seq, Ordering::Release);
-        self.inner.applied.store(applied, Ordering::Release);
+        self.inner.set_position(&mut b, applied, last_seq);
         Ok(())
     }
 
