@@ -17,6 +17,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    tern_common::server::arenas::limit_malloc_arenas();
     let args = Args::parse();
     let cfg = match Config::load(Role::Master, &args.common, &[]) {
         Ok(c) => c,

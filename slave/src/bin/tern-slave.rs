@@ -21,6 +21,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    tern_common::server::arenas::limit_malloc_arenas();
     let args = Args::parse();
     let mut overrides = Vec::new();
     if let Some(m) = &args.master {
