@@ -7,7 +7,7 @@
 //! - [`boundary`]: the transaction boundary parser (Outside / InTxn / Error).
 //! - [`binlog`]: segmented, CRC-checked, group-fsynced binlog with tail recovery.
 //! - [`durability`]: the one fsync policy (always / everysec / no) and what counts as durable.
-//! - [`state`]: the RocksDB state machine: data and applied index in one WriteBatch.
+//! - [`state`]: the RocksDB state machine: data and applied index written together.
 //! - [`limits`]: sizes every request is checked against.
 //! - [`marker`]: the clean-shutdown marker.
 //! - [`config`]: TOML + `TERN__SECTION__KEY` environment + flags.

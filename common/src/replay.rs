@@ -2,8 +2,8 @@
 //!
 //! Used at start-up to replay the binlog after the state's applied index (the
 //! state is only durable at RocksDB flushes; the binlog is the log), and by the
-//! slave's applier. Events are grouped into WriteBatches that always end at a
-//! transaction boundary, each written together with its applied index (I2).
+//! slave's applier. Events are grouped so that each group ends at a
+//! transaction boundary, each applied together with its applied index (I2).
 
 use crate::binlog::{Binlog, BinlogError};
 use crate::boundary::{BoundaryError, BoundaryParser, Step};

@@ -1,10 +1,11 @@
 //! The RocksDB state machine shared by master and slave.
 //!
 //! Data lives in the `default` column family; the `meta` column family holds the
-//! replication id, the **applied index** and the last transaction sequence. Every
-//! group of transactions is applied as **one WriteBatch holding the data and the
-//! applied index** (invariant I2), so a checkpoint, or the state after any crash,
-//! can never disagree with itself about how far it has applied.
+//! replication id, the **applied index** and the last transaction sequence. Data
+//! reaches RocksDB only in **WriteBatches holding the data and the applied
+//! index** it brings the state to (invariant I2; see the write-back buffer
+//! below), so a checkpoint, or the state after any crash, can never disagree
+//! with itself about how far it has applied.
 //!
 //! RocksDB's own WAL is off: the binlog is the log. After a crash, RocksDB comes
 //! back at its last flush, with an applied index that matches it, and start-up

@@ -7,7 +7,8 @@
 //! "incr by 5"). Then, in this order:
 //!
 //! 1. one binlog append for the whole group, and with `fsync = always` one fsync;
-//! 2. one RocksDB WriteBatch holding the group's data and the applied index (I2);
+//! 2. the group applied to the state with its applied index, atomically
+//!    ([`State::apply`]: RocksDB gets it in a batch with the index, I2);
 //! 3. each client gets its commit index.
 //!
 //! **One writer alone.** A client with nothing else to send (`alone` in

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! receiver ──(relay durable, `received` moved)──▶ hand-off queue (bounded) ─┐
-//!     │                                                                    ├─▶ applier ─▶ one WriteBatch
+//!     │                                                                    ├─▶ applier ─▶ one group
 //!     └──▶ relay log ──read up to `received` (fallback) ────────────────────┘    per step: data +
 //!                                                                                applied index + last seq (I2)
 //! ```
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Bytes of relay log read per apply step (one group at most this large).
 const APPLY_CHUNK_BYTES: usize = 4 << 20;
-/// Events applied from the hand-off in one WriteBatch (whole chunks; at least one).
+/// Events applied from the hand-off as one group (whole chunks; at least one).
 const APPLY_CHUNK_EVENTS: usize = 64 * 1024;
 /// Chunks the hand-off queue holds; the receiver drops a chunk when it is full.
 pub const HANDOFF_CHUNKS: usize = 64;
@@ -384,7 +384,7 @@ impl Applier {
     }
 }
 
-/// Complete transactions applied in one WriteBatch, ending at `index`.
+/// Complete transactions applied as one group, ending at `index`.
 #[derive(Default)]
 struct Segment {
     batch: GroupBatch,

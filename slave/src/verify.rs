@@ -3,7 +3,7 @@
 //!
 //! The master logs a check point (a transaction holding a `VerifyPoint`
 //! event) and, later, its keyspace digest at that point (`VerifyDigest`).
-//! The applier applies a check point in a WriteBatch of its own and hands it
+//! The applier applies a check point in a group of its own and hands it
 //! here at once: a thread takes a RocksDB snapshot (the applier waits for it,
 //! a moment) and digests it exactly as `Admin.Checksum` does. When the
 //! master's digest is applied, the two are compared (whichever comes second
