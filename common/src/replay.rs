@@ -28,11 +28,12 @@ pub enum ReplayError {
 }
 
 /// Adds the data effect of one event (Put/Delete) to a batch; Begin, Commit
-/// and the consistency-check events add nothing.
-pub fn add_to_batch(batch: &mut GroupBatch, ev: &Event) {
-    match &ev.kind {
-        EventKind::Put { key, value } => batch.put(key.clone(), value.clone()),
-        EventKind::Delete { key } => batch.delete(key.clone()),
+/// and the consistency-check events add nothing. The event's key and value
+/// move into the batch (no reference count is touched).
+pub fn add_to_batch(batch: &mut GroupBatch, ev: Event) {
+    match ev.kind {
+        EventKind::Put { key, value } => batch.put(key, value),
+        EventKind::Delete { key } => batch.delete(key),
         EventKind::Begin { .. }
         | EventKind::Commit { .. }
         | EventKind::VerifyPoint
@@ -66,8 +67,8 @@ pub fn replay(binlog: &Binlog, state: &State) -> Result<u64, ReplayError> {
         }
         let mut batch = std::mem::take(&mut pending);
         let mut boundary = None;
-        for ev in &events {
-            if let Step::Boundary { index, seq } = parser.feed(ev)? {
+        for ev in events {
+            if let Step::Boundary { index, seq } = parser.feed(&ev)? {
                 boundary = Some((index, seq));
             }
             add_to_batch(&mut batch, ev);

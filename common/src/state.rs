@@ -239,6 +239,24 @@ fn db_options() -> Options {
     opts
 }
 
+/// A RocksDB batch entry's bytes beside its key and value, at most (tag,
+/// two varint lengths; the batch header is smaller).
+const BATCH_ENTRY_BYTES: usize = 11;
+
+/// Room in a drain's batch for the applied index and last seq (column
+/// family, keys and values: well under this).
+const META_BATCH_BYTES: usize = 256;
+
+/// A key's first 16 bytes as a big-endian integer, zero-padded. If one key's
+/// prefix is below another's, so is the key; equal prefixes need the whole
+/// keys compared (`b"a"` and `b"a\0"` have the same prefix).
+fn key_prefix(key: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    let n = key.len().min(16);
+    b[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(b)
+}
+
 fn decode_u64(key: &'static str, v: &[u8]) -> Result<u64, StateError> {
     let arr: [u8; 8] = v.try_into().map_err(|_| StateError::CorruptMeta {
         key,
@@ -328,10 +346,23 @@ impl Inner {
                     }
                 }
             };
-            let mut keys: Vec<(&Bytes, &Option<Bytes>)> = frozen.writes.iter().collect();
-            keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            let mut batch = WriteBatch::default();
-            for (key, value) in keys {
+            // Sorted on each key's first 16 bytes held in the entry, so most
+            // comparisons neither follow a pointer nor call memcmp (the sort
+            // was 8 % of a slave's CPU at 16 writes per request).
+            let mut bytes = 0;
+            let mut keys: Vec<(u128, &Bytes, &Option<Bytes>)> = frozen
+                .writes
+                .iter()
+                .map(|(k, v)| {
+                    bytes += k.len() + v.as_ref().map_or(0, Bytes::len) + BATCH_ENTRY_BYTES;
+                    (key_prefix(k), k, v)
+                })
+                .collect();
+            keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+            // Allocated once at its size: grown by doubling, the batch's
+            // copies were 6 % of a slave's CPU.
+            let mut batch = WriteBatch::with_capacity_bytes(bytes + META_BATCH_BYTES);
+            for (_, key, value) in keys {
                 match value {
                     Some(v) => batch.put(key, v),
                     None => batch.delete(key),
@@ -796,6 +827,26 @@ mod tests {
             g.delete(Bytes::copy_from_slice(k));
         }
         g
+    }
+
+    proptest::proptest! {
+        /// The drain's order (prefix, then whole key) is the keys' order,
+        /// with zero bytes, shared prefixes and lengths around 16.
+        #[test]
+        fn prefix_then_key_is_key_order(
+            keys in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(vec![0u8, 1, b'k', 0xff]), 0..20),
+                0..64,
+            )
+        ) {
+            let mut by_prefix = keys.clone();
+            by_prefix.sort_unstable_by(|a, b| {
+                key_prefix(a).cmp(&key_prefix(b)).then_with(|| a.cmp(b))
+            });
+            let mut by_key = keys;
+            by_key.sort();
+            proptest::prop_assert_eq!(by_prefix, by_key);
+        }
     }
 
     #[test]

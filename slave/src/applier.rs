@@ -431,14 +431,14 @@ fn collect(
                     continue;
                 }
                 let mut point = false;
-                for e in &txn {
-                    match &e.kind {
+                for e in txn {
+                    match e.kind {
                         EventKind::VerifyPoint => point = true,
                         EventKind::VerifyDigest {
                             point,
                             digest,
                             keys,
-                        } => seg.digests.push((*point, digest.clone(), *keys)),
+                        } => seg.digests.push((point, digest, keys)),
                         _ => add_to_batch(&mut seg.batch, e),
                     }
                 }

@@ -853,7 +853,12 @@ impl Link {
         let mut expected = b.first_index;
         let mut skip_bytes = 0usize;
         let mut offset = 0usize;
-        for item in BytesRecords::new(b.records.clone()) {
+        // The hand-off's events slice a copy of the batch: slices of the
+        // received buffer share one reference count with the messages still
+        // being decoded from it, which the applier, dropping them on its own
+        // thread, fought this task for (10 % of a slave's samples at 16
+        // writes per request; 6 % with the copy).
+        for item in BytesRecords::new(bytes::Bytes::copy_from_slice(&b.records)) {
             let (ev, raw) = item
                 .map_err(|e| proto(format!("batch [{}, {}]: {e}", b.first_index, b.last_index)))?;
             if ev.index != expected {
