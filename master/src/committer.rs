@@ -74,6 +74,7 @@ use tern_common::binlog::{Binlog, BinlogError};
 use tern_common::kv::{OpOutcome, UNKNOWN_WRITER, WriteOp, WriteOutcome, WriterId};
 use tern_common::limits::{MAX_TXN_BYTES, MAX_VALUE_BYTES};
 use tern_common::record::{Event, EventKind, encode_record};
+use tern_common::replay::add_to_batch;
 use tern_common::state::{FLUSH_INTERVAL, GroupBatch, KeyspaceChecksum, State};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -1077,7 +1078,7 @@ impl Committer {
         // A check point of the consistency checks in this group (its last
         // transaction).
         let mut point = None;
-        for req in group.iter() {
+        for req in group.iter_mut() {
             if records.len() >= MAX_GROUP_BYTES {
                 break;
             }
@@ -1114,7 +1115,10 @@ impl Committer {
             if overlay.is_none() && req.ops.iter().any(WriteOp::reads) {
                 overlay = Some(batch.mutations().collect());
             }
-            let (writes, results) = match self.execute(&req.ops, overlay.as_ref()) {
+            // Moved out: the keys and values go on to the log and the state
+            // without another reference to the request's buffer.
+            let ops = std::mem::take(&mut req.ops);
+            let (writes, results) = match self.execute(ops, overlay.as_ref()) {
                 Ok(x) => x,
                 Err(e) => {
                     answers.push(Err(e));
@@ -1122,14 +1126,13 @@ impl Committer {
                 }
             };
             let mut push = |kind| {
-                encode_record(
-                    &Event {
-                        index: next_index,
-                        kind,
-                    },
-                    &mut records,
-                );
+                let ev = Event {
+                    index: next_index,
+                    kind,
+                };
+                encode_record(&ev, &mut records);
                 next_index += 1;
+                ev
             };
             if writes.is_empty() {
                 // Nothing to log (reads, or conditional puts that did not
@@ -1142,26 +1145,19 @@ impl Committer {
                 continue;
             }
             push(EventKind::Begin { seq, commit_ts });
-            for (key, value) in &writes {
-                match value {
-                    Some(v) => {
-                        batch.put(key.clone(), v.clone());
-                        push(EventKind::Put {
-                            key: key.clone(),
-                            value: v.clone(),
-                        });
-                    }
-                    None => {
-                        batch.delete(key.clone());
-                        push(EventKind::Delete { key: key.clone() });
-                    }
-                }
+            if let Some(overlay) = overlay.as_mut() {
+                overlay.extend(writes.iter().cloned());
+            }
+            for (key, value) in writes {
+                let kind = match value {
+                    Some(value) => EventKind::Put { key, value },
+                    None => EventKind::Delete { key },
+                };
+                // Logged, then moved into the state's batch.
+                add_to_batch(&mut batch, push(kind));
             }
             push(EventKind::Commit { seq });
             seq += 1;
-            if let Some(overlay) = overlay.as_mut() {
-                overlay.extend(writes);
-            }
             answers.push(Ok(WriteOutcome {
                 index: next_index - 1,
                 results,
@@ -1273,14 +1269,19 @@ impl Committer {
     /// is copied at most once per Put or first read, never once per Append),
     /// and the size of the final after-images is kept as ops run, so a Txn
     /// over [`MAX_TXN_WRITE_BYTES`] stops at the op that crosses it.
-    fn execute(&self, ops: &[WriteOp], group: Option<&Overlay>) -> Executed {
+    fn execute(&self, mut ops: Vec<WriteOp>, group: Option<&Overlay>) -> Executed {
         // One Put or Delete reads nothing: its after-image is the op itself.
-        match ops {
-            [WriteOp::Put { key, value }] => {
-                return single_write(key, Some(value), OpOutcome::Put);
+        if ops.len() == 1 {
+            match ops.pop() {
+                Some(WriteOp::Put { key, value }) => {
+                    return single_write(key, Some(value), OpOutcome::Put);
+                }
+                Some(WriteOp::Delete { key }) => {
+                    return single_write(key, None, OpOutcome::Delete);
+                }
+                Some(other) => ops.push(other),
+                None => {}
             }
-            [WriteOp::Delete { key }] => return single_write(key, None, OpOutcome::Delete),
-            _ => {}
         }
         let mut txn = TxnValues::default();
         let mut results = Vec::with_capacity(ops.len());
@@ -1293,7 +1294,7 @@ impl Committer {
                 .map(|v| v.map(Bytes::from))
                 .map_err(|e| WriteError::Internal(format!("rocksdb read: {e}")))
         };
-        for op in ops {
+        for op in &ops {
             let outcome = match op {
                 WriteOp::Put { key, value } => {
                     txn.set(key, Pending::Shared(value.clone()))?;
@@ -1356,9 +1357,9 @@ impl Committer {
 
 /// The after-image and outcome of a transaction of one Put or Delete, under
 /// the same size limit as [`TxnValues`] applies.
-fn single_write(key: &Bytes, value: Option<&Bytes>, outcome: OpOutcome) -> Executed {
-    within_write_limit(key.len() + value.map_or(0, Bytes::len))?;
-    Ok((vec![(key.clone(), value.cloned())], vec![outcome]))
+fn single_write(key: Bytes, value: Option<Bytes>, outcome: OpOutcome) -> Executed {
+    within_write_limit(key.len() + value.as_ref().map_or(0, Bytes::len))?;
+    Ok((vec![(key, value)], vec![outcome]))
 }
 
 /// A transaction's final after-images may hold at most
