@@ -1269,19 +1269,10 @@ impl Committer {
     /// is copied at most once per Put or first read, never once per Append),
     /// and the size of the final after-images is kept as ops run, so a Txn
     /// over [`MAX_TXN_WRITE_BYTES`] stops at the op that crosses it.
-    fn execute(&self, mut ops: Vec<WriteOp>, group: Option<&Overlay>) -> Executed {
-        // One Put or Delete reads nothing: its after-image is the op itself.
-        if ops.len() == 1 {
-            match ops.pop() {
-                Some(WriteOp::Put { key, value }) => {
-                    return single_write(key, Some(value), OpOutcome::Put);
-                }
-                Some(WriteOp::Delete { key }) => {
-                    return single_write(key, None, OpOutcome::Delete);
-                }
-                Some(other) => ops.push(other),
-                None => {}
-            }
+    fn execute(&self, ops: Vec<WriteOp>, group: Option<&Overlay>) -> Executed {
+        // Puts and Deletes read nothing: their after-images are the ops.
+        if ops.len() <= BLIND_TXN_OPS && !ops.iter().any(WriteOp::reads) {
+            return blind_writes(ops);
         }
         let mut txn = TxnValues::default();
         let mut results = Vec::with_capacity(ops.len());
@@ -1355,11 +1346,43 @@ impl Committer {
     }
 }
 
-/// The after-image and outcome of a transaction of one Put or Delete, under
-/// the same size limit as [`TxnValues`] applies.
-fn single_write(key: Bytes, value: Option<Bytes>, outcome: OpOutcome) -> Executed {
-    within_write_limit(key.len() + value.as_ref().map_or(0, Bytes::len))?;
-    Ok((vec![(key, value)], vec![outcome]))
+/// Transactions of Puts and Deletes up to this many ops take
+/// [`blind_writes`] (its key search is linear).
+const BLIND_TXN_OPS: usize = 32;
+
+/// A transaction of Puts and Deletes only (it reads nothing): each key's last
+/// op, in the order keys were first written, as [`TxnValues`] gives them and
+/// under its running size limit (so it fails at the same op), without a
+/// key or value cloned or hashed.
+fn blind_writes(ops: Vec<WriteOp>) -> Executed {
+    let mut writes: Vec<(Bytes, Option<Bytes>)> = Vec::with_capacity(ops.len());
+    let mut results = Vec::with_capacity(ops.len());
+    let mut bytes = 0usize;
+    for op in ops {
+        let (key, value, outcome) = match op {
+            WriteOp::Put { key, value } => (key, Some(value), OpOutcome::Put),
+            WriteOp::Delete { key } => (key, None, OpOutcome::Delete),
+            _ => {
+                return Err(WriteError::Internal(
+                    "a read in a transaction of blind writes".into(),
+                ));
+            }
+        };
+        let new = value.as_ref().map_or(0, Bytes::len);
+        match writes.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, old)) => {
+                bytes = bytes.saturating_sub(old.as_ref().map_or(0, Bytes::len)) + new;
+                *old = value;
+            }
+            None => {
+                bytes += key.len() + new;
+                writes.push((key, value));
+            }
+        }
+        within_write_limit(bytes)?;
+        results.push(outcome);
+    }
+    Ok((writes, results))
 }
 
 /// A transaction's final after-images may hold at most
@@ -1560,6 +1583,54 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::from(s.to_string())
+    }
+
+    /// What [`TxnValues`] (the path for transactions that read) makes of
+    /// Puts and Deletes.
+    fn through_txn_values(ops: &[WriteOp]) -> Executed {
+        let mut txn = TxnValues::default();
+        let mut results = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Put { key, value } => {
+                    txn.set(key, Pending::Shared(value.clone()))?;
+                    results.push(OpOutcome::Put);
+                }
+                WriteOp::Delete { key } => {
+                    txn.set(key, Pending::Deleted)?;
+                    results.push(OpOutcome::Delete);
+                }
+                _ => unreachable!("only Puts and Deletes are generated"),
+            }
+        }
+        Ok((txn.into_writes(), results))
+    }
+
+    proptest::proptest! {
+        /// Blind writes give the same after-images, in the same order, and
+        /// fail at the same size limit, as the general path.
+        #[test]
+        fn blind_writes_match_the_general_path(
+            picks in proptest::collection::vec((0u8..4, 0u8..4), 0..BLIND_TXN_OPS)
+        ) {
+            // A third of the limit: three such values on distinct keys cross it.
+            static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+            let big = BIG.get_or_init(|| Bytes::from(vec![b'v'; MAX_TXN_WRITE_BYTES / 3 + 1]));
+            let ops: Vec<WriteOp> = picks
+                .iter()
+                .map(|&(k, kind)| {
+                    let key = Bytes::from(vec![b'k', k]);
+                    match kind {
+                        0 => WriteOp::Delete { key },
+                        1 => WriteOp::Put { key, value: big.clone() },
+                        _ => WriteOp::Put { key, value: Bytes::from(vec![kind; kind as usize]) },
+                    }
+                })
+                .collect();
+            let general = through_txn_values(&ops).map_err(|e| e.to_string());
+            let blind = blind_writes(ops).map_err(|e| e.to_string());
+            proptest::prop_assert!(blind == general, "{:?} != {:?}", blind.is_ok(), general.is_ok());
+        }
     }
 
     #[test]
