@@ -359,8 +359,8 @@ impl Inner {
                 })
                 .collect();
             keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-            // Allocated once at its size: grown by doubling, the batch's
-            // copies were 6 % of a slave's CPU.
+            // Allocated once at its size, not grown by doubling (each growth
+            // copied everything the batch held so far).
             let mut batch = WriteBatch::with_capacity_bytes(bytes + META_BATCH_BYTES);
             for (_, key, value) in keys {
                 match value {
