@@ -1371,18 +1371,24 @@ fn blind_writes(ops: Vec<WriteOp>) -> Executed {
         let new = value.as_ref().map_or(0, Bytes::len);
         match writes.iter_mut().find(|(k, _)| *k == key) {
             Some((_, old)) => {
-                bytes = bytes.saturating_sub(old.as_ref().map_or(0, Bytes::len)) + new;
+                charge(&mut bytes, new, old.as_ref().map_or(0, Bytes::len))?;
                 *old = value;
             }
             None => {
-                bytes += key.len() + new;
+                charge(&mut bytes, key.len() + new, 0)?;
                 writes.push((key, value));
             }
         }
-        within_write_limit(bytes)?;
         results.push(outcome);
     }
     Ok((writes, results))
+}
+
+/// A transaction's final after-images (`bytes` of them) grow by `added` and
+/// shrink by `removed` bytes, within [`within_write_limit`].
+fn charge(bytes: &mut usize, added: usize, removed: usize) -> Result<(), WriteError> {
+    *bytes = bytes.saturating_sub(removed) + added;
+    within_write_limit(*bytes)
 }
 
 /// A transaction's final after-images may hold at most
@@ -1506,10 +1512,8 @@ impl TxnValues {
         }
     }
 
-    /// Final after-images grow by `added` and shrink by `removed` bytes.
     fn charge(&mut self, added: usize, removed: usize) -> Result<(), WriteError> {
-        self.write_bytes = self.write_bytes.saturating_sub(removed) + added;
-        within_write_limit(self.write_bytes)
+        charge(&mut self.write_bytes, added, removed)
     }
 
     /// The after-images of the keys written, each once with its final
